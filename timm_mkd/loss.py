@@ -1,0 +1,67 @@
+"""The two-temperature knowledge-distillation loss.
+
+    p_t = softmax(z_t / tau_t)                 teacher distribution at the teacher temperature
+    log p_s = log_softmax(z_s / tau_s)         student distribution at the student temperature
+    KD = tau_s^2 * (1/B) * sum_b KL(p_t || p_s)
+
+Direction: KL(teacher || student), as in Hinton et al. and timm's ``LogitDistillationTask``:
+the student is pulled to cover the teacher's whole distribution (the "dark knowledge").
+
+Reduction: ``batchmean`` (sum over classes, mean over the batch), the mathematically correct
+KL per sample, again as timm does.
+
+Scale ``tau_s^2``: the gradient reaching the student logits is
+``dKD/dz_s = tau_s * (p_s - p_t)``, which for large temperatures tends to
+``(z_s - (tau_s / tau_t) z_t) / C``, independent of tau_s. So changing a temperature changes
+the *shape* of the target, not the effective weight of the KD term; otherwise the meta step
+could "learn" a temperature merely as a disguised loss weight. With ``tau_t == tau_s == T``
+the factor is timm's ``T^2``, so MKD at its initial values reproduces timm's loss exactly.
+
+The KD term only needs logits, so it is indifferent to mixup/cutmix soft targets: the task
+criterion alone consumes the targets.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def two_temperature_kd_loss(
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        tau_t: torch.Tensor,
+        tau_s: torch.Tensor,
+) -> torch.Tensor:
+    """KL(softmax(z_t / tau_t) || softmax(z_s / tau_s)) * tau_s^2, batch-mean.
+
+    Computed in float32 whatever the autocast dtype: temperatures divide the logits, and
+    bf16 rounding of the softened distributions would swamp the meta-gradient signal.
+
+    Args:
+        student_logits: ``[B, C]`` student logits.
+        teacher_logits: ``[B, C]`` teacher logits (no gradient needed).
+        tau_t: teacher temperature, a positive 0-dim tensor (may require grad).
+        tau_s: student temperature, a positive 0-dim tensor (may require grad).
+
+    Returns:
+        0-dim float32 loss tensor.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
+            f"differ: teacher and student must predict the same classes.")
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)  # float32, or float64 in oracle tests
+    log_p_s = F.log_softmax(student_logits.to(dtype) / tau_s, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.to(dtype) / tau_t, dim=-1)
+    kl = F.kl_div(log_p_s, log_p_t, reduction='batchmean', log_target=True)
+    return kl * tau_s * tau_s
+
+
+def meta_loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the look-ahead student on a meta batch.
+
+    Hard integer targets are the normal case (held-out data, eval transforms, no mixup);
+    float ``[B, C]`` targets (the training-stream meta source under mixup) use soft-target CE.
+    """
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if target.dtype.is_floating_point and target.dim() == logits.dim():
+        return -(target.to(logits.dtype) * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+    return F.cross_entropy(logits, target)

@@ -1,0 +1,261 @@
+"""The MKD hypergradient: d L_meta(theta') / d log-tau for a one-step look-ahead.
+
+With ``g(theta, tau) = grad_theta L_train(theta, tau)`` and the optimizer's real update
+``theta' = step(theta, g)``, linearised as ``d theta' / d g = -J`` (``J`` diagonal, see
+``lookahead_jacobian``), the chain rule gives
+
+    d L_meta / d tau = -grad_tau [ (J v) . g(theta, tau) ],        v = grad_theta' L_meta(theta')
+
+and the mixed second derivative is a directional derivative along ``w = J v``:
+
+    grad_tau [ w . g(theta, tau) ] ~= ( grad_tau L_train(theta + e w) - grad_tau L_train(theta - e w) ) / 2e
+
+(DARTS' ``architect.py`` does the same for architecture weights.) Each side is one student
+*forward*: tau enters ``L_train`` only through the KD term on the logits, so ``grad_tau`` needs
+no backward through the network. This is why the meta step works on timm ViTs with fused
+attention and under ``torch.compile``, where double backward does not exist.
+
+What the training step already computed is reused: ``theta'`` is the optimizer's real update
+(its momentum, Adam preconditioning and weight decay included), the training batch and its
+teacher logits come from the task's forward. The meta step adds one forward+backward on the
+meta batch and two forwards on the training batch.
+
+``exact_hypergradient`` computes the same quantity by double backward; it is the oracle the
+tests check the finite difference against (small models without fused attention only).
+"""
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch.func import functional_call
+
+from .loss import meta_loss_fn, two_temperature_kd_loss
+
+
+@dataclass
+class TrainBatch:
+    """What the last training forward leaves for the meta step.
+
+    Attributes:
+        input: the student's input batch (detached).
+        target: the training target (hard or mixup-soft), used only by the training-stream meta source.
+        teacher_logits: teacher logits on ``input`` (detached), reused instead of a second teacher forward.
+        rng_state: RNG state right before the student forward, so the perturbed forwards draw the
+            training forward's dropout / drop-path masks.
+    """
+    input: torch.Tensor
+    target: torch.Tensor
+    teacher_logits: torch.Tensor
+    rng_state: Tuple
+
+
+def capture_rng_state(device: torch.device) -> Tuple:
+    """CPU RNG state plus the accelerator's, enough to replay a forward's random masks."""
+    cpu = torch.get_rng_state()
+    accel = None
+    if device.type == 'cuda':
+        accel = torch.cuda.get_rng_state(device)
+    return cpu, accel
+
+
+@contextlib.contextmanager
+def replay_rng(rng_state: Optional[Tuple], device: torch.device):
+    """Run a block on a forked RNG (seeded from ``rng_state`` when given); the caller's stream is untouched."""
+    devices = [device] if device.type == 'cuda' else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else 'cuda'):
+        if rng_state is not None:
+            cpu, accel = rng_state
+            torch.set_rng_state(cpu)
+            if accel is not None:
+                torch.cuda.set_rng_state(accel, device)
+        yield
+
+
+def lookahead_jacobian(optimizer: torch.optim.Optimizer, param: torch.Tensor, group: dict) -> torch.Tensor:
+    """Diagonal of ``-d theta' / d g`` for one parameter, read from the optimizer *after* its step.
+
+    Adam-family (state has ``exp_avg_sq``): ``lr * (1 - beta1) / (1 - beta1^t) / (sqrt(v_t / (1 - beta2^t)) + eps)``,
+    the preconditioner treated as constant in g (as in DARTS and most look-ahead methods).
+    SGD: ``lr`` (``lr * (1 + momentum)`` with Nesterov). Any other optimizer: ``lr``, the plain SGD look-ahead.
+
+    Args:
+        optimizer: the student optimizer, after ``step()``.
+        param: one of its parameters.
+        group: the param group holding ``param``.
+
+    Returns:
+        A scalar tensor or a tensor shaped like ``param``.
+    """
+    lr = float(group['lr'])
+    state = optimizer.state.get(param, {})
+    if 'exp_avg_sq' in state and 'betas' in group and 'step' in state:
+        beta1, beta2 = group['betas'][:2]
+        t = float(state['step'])
+        eps = group.get('eps', 1e-8)
+        bc1 = 1.0 - beta1 ** t
+        bc2 = 1.0 - beta2 ** t
+        denom = (state['exp_avg_sq'] / bc2).sqrt().add_(eps)
+        return (lr * (1.0 - beta1) / bc1) / denom
+    if group.get('nesterov', False):
+        return torch.tensor(lr * (1.0 + group.get('momentum', 0.0)), device=param.device)
+    return torch.tensor(lr, device=param.device)
+
+
+def optimizer_params(module: nn.Module, optimizer: torch.optim.Optimizer):
+    """(name, param, group) for every student parameter the optimizer updates."""
+    by_id = {id(p): (n, p) for n, p in module.named_parameters()}
+    out = []
+    for group in optimizer.param_groups:
+        for p in group['params']:
+            if id(p) in by_id and p.requires_grad:
+                out.append((by_id[id(p)][0], p, group))
+    return out
+
+
+def _buffer_copies(module: nn.Module) -> Dict[str, torch.Tensor]:
+    # Train-mode BatchNorm updates running stats in place; feeding copies keeps the real ones untouched.
+    return {n: b.clone() for n, b in module.named_buffers()}
+
+
+def _kd_tau_grad(
+        student: nn.Module,
+        params: Dict[str, torch.Tensor],
+        batch: TrainBatch,
+        log_taus: Tuple[torch.Tensor, torch.Tensor],
+        kd_weight: float,
+) -> torch.Tensor:
+    """grad of ``kd_weight * KD`` w.r.t. (log tau_t, log tau_s) at student parameters ``params``; forward only."""
+    device = batch.input.device
+    with replay_rng(batch.rng_state, device), torch.no_grad(), torch.autocast(device.type, enabled=False):
+        logits = functional_call(student, {**params, **_buffer_copies(student)}, (batch.input,))
+    with torch.enable_grad():
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        taus = [lt.detach().to(dtype).requires_grad_(True) for lt in log_taus]
+        kd = kd_weight * two_temperature_kd_loss(logits, batch.teacher_logits, taus[0].exp(), taus[1].exp())
+        grads = torch.autograd.grad(kd, taus)
+    return torch.stack(grads)
+
+
+@dataclass
+class HyperGradient:
+    """Result of one hypergradient evaluation.
+
+    Attributes:
+        grad: ``[2]`` tensor, d L_meta / d (log tau_t, log tau_s).
+        meta_loss: meta loss at the look-ahead parameters (float).
+        epsilon: finite-difference step actually used along ``w`` (0 when ``w`` vanished).
+    """
+    grad: torch.Tensor
+    meta_loss: float
+    epsilon: float
+
+
+def finite_difference_hypergradient(
+        student: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        theta: Dict[str, torch.Tensor],
+        batch: TrainBatch,
+        meta_input: torch.Tensor,
+        meta_target: torch.Tensor,
+        log_taus: Tuple[torch.Tensor, torch.Tensor],
+        kd_weight: float,
+        fd_eps: float = 1e-2,
+        meta_autocast: Optional[Callable] = None,
+) -> HyperGradient:
+    """The MKD hypergradient by a central finite difference along ``w = J v``.
+
+    Called after the optimizer step: the student's parameters are ``theta'``. Nothing is written
+    to the student's parameters, buffers, ``.grad`` or the caller's RNG stream.
+
+    Args:
+        student: the unwrapped student (no DDP / compile wrapper).
+        optimizer: the student optimizer, right after its step.
+        theta: parameters before the step, by name (for the optimizer's parameters).
+        batch: the training batch of that step.
+        meta_input: meta batch input.
+        meta_target: meta batch target (class indices, or soft ``[B, C]``).
+        log_taus: (log tau_t, log tau_s) tensors.
+        kd_weight: weight of the KD term in the training loss.
+        fd_eps: finite-difference step relative to ``|w|``.
+        meta_autocast: optional autocast context factory for the meta-batch forward/backward.
+
+    Returns:
+        ``HyperGradient``.
+    """
+    named = [(n, p, g) for n, p, g in optimizer_params(student, optimizer) if n in theta]
+    names = [n for n, _, _ in named]
+    current = [p for _, p, _ in named]
+
+    # v = grad of the meta loss at theta' (the real post-step parameters), via autograd.grad: .grad untouched.
+    autocast = meta_autocast() if meta_autocast is not None else contextlib.nullcontext()
+    with replay_rng(None, meta_input.device), torch.enable_grad():
+        with autocast:
+            meta_logits = functional_call(student, _buffer_copies(student), (meta_input,))
+        meta_loss = meta_loss_fn(meta_logits, meta_target)
+        v = torch.autograd.grad(meta_loss, current, allow_unused=True)
+
+    w = []
+    for (_, p, group), v_i in zip(named, v):
+        if v_i is None:
+            v_i = torch.zeros_like(p)
+        # w in at least float32 (float64 stays float64): the perturbation must not round away.
+        dtype = torch.promote_types(p.dtype, torch.float32)
+        w.append(lookahead_jacobian(optimizer, p, group).to(dtype) * v_i.to(dtype))
+    w_norm = torch.sqrt(sum((w_i.double() ** 2).sum() for w_i in w))
+    if not torch.isfinite(w_norm) or w_norm == 0:
+        grad = torch.full((2,), float('nan') if not torch.isfinite(w_norm) else 0.0, device=meta_input.device)
+        return HyperGradient(grad=grad, meta_loss=float(meta_loss), epsilon=0.0)
+    eps = fd_eps / float(w_norm)
+
+    def perturbed(sign: float) -> Dict[str, torch.Tensor]:
+        return {n: (theta[n].to(w_i.dtype) + (sign * eps) * w_i).to(theta[n].dtype) for n, w_i in zip(names, w)}
+
+    grad_plus = _kd_tau_grad(student, perturbed(+1.0), batch, log_taus, kd_weight)
+    grad_minus = _kd_tau_grad(student, perturbed(-1.0), batch, log_taus, kd_weight)
+    grad = -(grad_plus - grad_minus) / (2.0 * eps)
+    return HyperGradient(grad=grad, meta_loss=float(meta_loss), epsilon=eps)
+
+
+def exact_hypergradient(
+        student: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        theta: Dict[str, torch.Tensor],
+        batch: TrainBatch,
+        criterion: Callable,
+        task_weight: float,
+        meta_input: torch.Tensor,
+        meta_target: torch.Tensor,
+        log_taus: Tuple[torch.Tensor, torch.Tensor],
+        kd_weight: float,
+) -> torch.Tensor:
+    """Oracle: the same hypergradient by double backward (no finite difference).
+
+    ``theta'(tau) = theta'_real - J (g(theta, tau) - stop_grad(g))`` has the real post-step value
+    and the linearised dependence on tau; ``L_meta(theta'(tau))`` is then differentiated w.r.t.
+    tau exactly. Needs double backward, so it only runs on models whose ops support it (no
+    fused attention, no torch.compile); tests use it on small float64 models.
+
+    Returns:
+        ``[2]`` tensor, d L_meta / d (log tau_t, log tau_s).
+    """
+    named = [(n, p, g) for n, p, g in optimizer_params(student, optimizer) if n in theta]
+    params = {n: theta[n].detach().requires_grad_(True) for n, _, _ in named}
+    dtype = torch.promote_types(next(iter(params.values())).dtype, torch.float32)
+    taus = [lt.detach().to(dtype).requires_grad_(True) for lt in log_taus]
+    with replay_rng(batch.rng_state, batch.input.device):
+        logits = functional_call(student, {**params, **_buffer_copies(student)}, (batch.input,))
+    train_loss = task_weight * criterion(logits, batch.target) + kd_weight * two_temperature_kd_loss(
+        logits, batch.teacher_logits, taus[0].exp(), taus[1].exp())
+    g = torch.autograd.grad(train_loss, list(params.values()), create_graph=True)
+    lookahead = {}
+    for (n, p, group), g_i in zip(named, g):
+        jac = lookahead_jacobian(optimizer, p, group)
+        lookahead[n] = p.detach() - jac * (g_i - g_i.detach())
+    with replay_rng(None, batch.input.device):
+        meta_logits = functional_call(student, {**lookahead, **_buffer_copies(student)}, (meta_input,))
+    meta_loss = meta_loss_fn(meta_logits, meta_target)
+    grads = torch.autograd.grad(meta_loss, taus, allow_unused=True)
+    return torch.stack([gr if gr is not None else torch.zeros_like(t) for gr, t in zip(grads, taus)])
+
