@@ -206,7 +206,7 @@ def finite_difference_hypergradient(
     w_norm = torch.sqrt(sum((w_i.double() ** 2).sum() for w_i in w))
     if not torch.isfinite(w_norm) or w_norm == 0:
         grad = torch.full((2,), float('nan') if not torch.isfinite(w_norm) else 0.0, device=meta_input.device)
-        return HyperGradient(grad=grad, meta_loss=float(meta_loss), epsilon=0.0)
+        return HyperGradient(grad=grad, meta_loss=float(meta_loss.detach()), epsilon=0.0)
     eps = fd_eps / float(w_norm)
 
     def perturbed(sign: float) -> Dict[str, torch.Tensor]:
@@ -215,7 +215,7 @@ def finite_difference_hypergradient(
     grad_plus = _kd_tau_grad(student, perturbed(+1.0), batch, log_taus, kd_weight)
     grad_minus = _kd_tau_grad(student, perturbed(-1.0), batch, log_taus, kd_weight)
     grad = -(grad_plus - grad_minus) / (2.0 * eps)
-    return HyperGradient(grad=grad, meta_loss=float(meta_loss), epsilon=eps)
+    return HyperGradient(grad=grad, meta_loss=float(meta_loss.detach()), epsilon=eps)
 
 
 def exact_hypergradient(
