@@ -67,7 +67,8 @@ class Temperatures(nn.Module):
 
     def values(self) -> Tuple[float, float]:
         """Current ``(tau_t, tau_s)`` as Python floats."""
-        tau_t, tau_s = self()
+        with torch.no_grad():
+            tau_t, tau_s = self()
         return float(tau_t), float(tau_s)
 
     def extra_repr(self) -> str:

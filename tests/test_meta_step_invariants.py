@@ -1,0 +1,160 @@
+"""Each invariant of a meta step (DESIGN.md section 1), asserted on its own.
+
+The technique: optimizer step post-hooks run in registration order, so a hook registered
+*before* ``task.attach`` sees the state right after the real optimizer update, and one registered
+*after* it sees the state after the meta step. Everything but the temperatures must match.
+"""
+import warnings
+
+import pytest
+import torch
+
+from timm_mkd import MKDTask
+
+from small_models import SmallCNN, fmnist_batches
+
+
+def _state(module):
+    return {
+        'params': {n: p.detach().clone() for n, p in module.named_parameters()},
+        'buffers': {n: b.detach().clone() for n, b in module.named_buffers()},
+        'grads': {n: (p.grad.detach().clone() if p.grad is not None else None) for n, p in module.named_parameters()},
+        'grad_ids': {n: id(p.grad) for n, p in module.named_parameters()},
+        'rng': torch.get_rng_state(),
+    }
+
+
+def _run(steps: int = 2, meta_batches=None, **task_kwargs):
+    """Train ``steps`` updates with a meta step after each; return (task, before, after) snapshots per update."""
+    torch.manual_seed(0)
+    student = SmallCNN(drop=0.3)
+    teacher = SmallCNN(width=16, drop=0.0)
+    kwargs = dict(meta_interval=1, meta_lr=0.1, verbose=False)
+    kwargs.update(task_kwargs)
+    task = MKDTask(student, teacher, **kwargs)
+    opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9)
+    before, after = [], []
+    opt.register_step_post_hook(lambda *a: before.append(_state(student)))
+    task.attach(opt, meta_batches if meta_batches is not None else [fmnist_batches(32, offset=2000)])
+    opt.register_step_post_hook(lambda *a: after.append(_state(student)))
+    x, y = fmnist_batches(32)
+    for _ in range(steps):
+        opt.zero_grad()
+        task(x, y)['loss'].backward()
+        opt.step()
+    return task, before, after
+
+
+def test_meta_step_changes_temperatures():
+    task, _, _ = _run()
+    assert task.meta_steps == 2
+    assert task.temperatures() != (4.0, 4.0)
+
+
+def test_student_parameters_untouched():
+    _, before, after = _run()
+    for b, a in zip(before, after):
+        for n in b['params']:
+            assert torch.equal(b['params'][n], a['params'][n]), n
+
+
+def test_buffers_untouched():
+    """BatchNorm running stats (and num_batches_tracked) after the meta step equal those of the real update."""
+    _, before, after = _run()
+    assert any('running_mean' in n for n in before[0]['buffers'])
+    for b, a in zip(before, after):
+        for n in b['buffers']:
+            assert torch.equal(b['buffers'][n], a['buffers'][n]), n
+
+
+def test_grad_untouched():
+    """Nothing lands in .grad: same tensors, same values."""
+    _, before, after = _run()
+    for b, a in zip(before, after):
+        assert b['grad_ids'] == a['grad_ids']
+        for n, g in b['grads'].items():
+            assert g is not None and torch.equal(g, a['grads'][n]), n
+
+
+def test_temperature_grads_do_not_leak():
+    task, _, _ = _run()
+    assert task.tau.log_tau_t.grad is None and task.tau.log_tau_s.grad is None
+
+
+def test_training_rng_stream_untouched():
+    """The global RNG after the meta step is exactly where the real update left it."""
+    _, before, after = _run()
+    for b, a in zip(before, after):
+        assert torch.equal(b['rng'], a['rng'])
+
+
+def test_perturbed_forwards_share_dropout_masks():
+    """The two finite-difference forwards replay the training forward's dropout mask."""
+    torch.manual_seed(0)
+    student = SmallCNN(drop=0.5)
+    task = MKDTask(student, SmallCNN(width=16, drop=0.0), meta_interval=1, verbose=False)
+    opt = torch.optim.SGD(student.parameters(), lr=0.05)
+    masks = []
+    student.drop.register_forward_hook(lambda m, i, o: masks.append((o == 0).clone()))
+    task.attach(opt, [fmnist_batches(16, offset=3000)])
+    x, y = fmnist_batches(16)
+    opt.zero_grad()
+    task(x, y)['loss'].backward()
+    opt.step()
+    # forward calls: training, meta batch, +e, -e
+    assert len(masks) == 4
+    train_mask, meta_mask, plus_mask, minus_mask = masks
+    assert 0.2 < train_mask.float().mean() < 0.8
+    assert torch.equal(plus_mask, minus_mask)
+    assert torch.equal(plus_mask, train_mask)
+
+
+def test_non_finite_hypergradient_is_skipped_with_warning():
+    xm, ym = fmnist_batches(16, offset=4000)
+    xm = xm.clone()
+    xm[0, 0, 0, 0] = float('nan')
+    with pytest.warns(RuntimeWarning, match='skipped'):
+        task, _, _ = _run(meta_batches=[(xm, ym)])
+    assert task.meta_skipped == 2 and task.meta_steps == 2
+    assert task.temperatures() == pytest.approx((4.0, 4.0), rel=0, abs=1e-6)
+    assert task.last_record['skipped'] == 1
+
+
+def test_temperatures_stay_inside_bounds():
+    """A huge meta learning rate drives tau against a bound; projection keeps it there, not beyond."""
+    task, _, _ = _run(steps=6, meta_lr=5.0, tau_min=1.0, tau_max=8.0)
+    tau_t, tau_s = task.temperatures()
+    assert 1.0 - 1e-6 <= tau_t <= 8.0 + 1e-6 and 1.0 - 1e-6 <= tau_s <= 8.0 + 1e-6
+    assert min(tau_t, tau_s) <= 1.0 + 1e-5 or max(tau_t, tau_s) >= 8.0 - 1e-4
+
+
+def test_meta_interval_counts_optimizer_updates():
+    task, _, _ = _run(steps=7, meta_interval=3)
+    assert task.updates == 7 and task.meta_steps == 2
+
+
+def test_autocast_finite_difference_matches_fp32():
+    """Under an outer bf16 autocast the FD forwards run in float32: the hypergradient barely moves."""
+    from timm_mkd.meta_step import finite_difference_hypergradient
+    torch.manual_seed(0)
+    student = SmallCNN(drop=0.0)
+    task = MKDTask(student, SmallCNN(width=16, drop=0.0), verbose=False)
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    x, y = fmnist_batches(64)
+    xm, ym = fmnist_batches(64, offset=5000)
+    theta = {n: p.detach().clone() for n, p in student.named_parameters()}
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        loss = task(x, y)['loss']
+    loss.backward()
+    opt.step()
+    args = (student, opt, theta, task._last_batch, xm, ym, (task.tau.log_tau_t, task.tau.log_tau_s), 1.0)
+    fp32 = finite_difference_hypergradient(*args).grad
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        mixed = finite_difference_hypergradient(*args).grad
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        bf16_meta = finite_difference_hypergradient(
+            *args, meta_autocast=lambda: torch.autocast('cpu', dtype=torch.bfloat16)).grad
+    rel = float((mixed - fp32).norm() / fp32.norm())
+    rel_meta = float((bf16_meta - fp32).norm() / fp32.norm())
+    print('fp32', fp32.tolist(), 'outer bf16 autocast', mixed.tolist(), rel, 'bf16 meta batch', rel_meta)
+    assert rel < 0.05 and rel_meta < 0.05
