@@ -1,0 +1,82 @@
+"""Temperatures and meta-optimizer state through timm's CheckpointSaver and resume_task_checkpoint."""
+import argparse
+
+import torch
+from timm.task import resume_task_checkpoint, load_task_ema_checkpoint
+from timm.utils import CheckpointSaver
+
+from timm_mkd import MKDTask
+
+from small_models import SmallCNN, fmnist_batches
+
+
+def _make(seed=0):
+    torch.manual_seed(seed)
+    student = SmallCNN(drop=0.0)
+    teacher = SmallCNN(width=16, drop=0.0)
+    torch.manual_seed(123)  # same teacher weights in every call
+    teacher = SmallCNN(width=16, drop=0.0)
+    task = MKDTask(student, teacher, meta_interval=2, meta_lr=0.1, tau_t=3.0, tau_s=5.0, verbose=False)
+    opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9)
+    task.setup_ema(decay=0.9)
+    # One meta batch: the meta loader's position is not checkpointed (as timm restarts its train loader).
+    task.attach(opt, [fmnist_batches(32, offset=2000)])
+    return task, opt
+
+
+def _train(task, opt, steps, offset):
+    for i in range(steps):
+        x, y = fmnist_batches(32, offset=offset + 32 * i)
+        opt.zero_grad()
+        task(x, y)['loss'].backward()
+        opt.step()
+        task.update_ema(step=task.updates)
+
+
+def test_round_trip_through_checkpoint_saver(tmp_path):
+    task, opt = _make()
+    _train(task, opt, 6, 0)
+    assert task.meta_steps == 3 and task.temperatures() != (3.0, 5.0)
+    saver = CheckpointSaver(model=task.get_trainable_module(), optimizer=opt, args=argparse.Namespace(model='small'),
+                            checkpoint_dir=str(tmp_path), recovery_dir=str(tmp_path), task=task)
+    saver.save_checkpoint(epoch=0, metric=1.0)
+    path = tmp_path / 'last.pth.tar'
+
+    resumed, opt2 = _make(seed=1)
+    epoch = resume_task_checkpoint(resumed, str(path), optimizer=opt2, log_info=False)
+    load_task_ema_checkpoint(resumed, str(path))
+    assert epoch == 1
+    assert resumed.temperatures() == task.temperatures()
+    assert torch.equal(resumed.tau.log_tau_t, task.tau.log_tau_t) and torch.equal(resumed.tau.log_tau_s, task.tau.log_tau_s)
+    a, b = task.meta_optimizer.state_dict(), resumed.meta_optimizer.state_dict()
+    assert a['param_groups'] == b['param_groups']
+    for k in a['state']:
+        for name, value in a['state'][k].items():
+            assert torch.equal(value, b['state'][k][name]), name
+    assert (resumed.updates, resumed.meta_steps) == (task.updates, task.meta_steps)
+
+    # Continuing both gives bit-identical temperatures: nothing the meta step depends on was lost.
+    _train(task, opt, 4, 1000)
+    _train(resumed, opt2, 4, 1000)
+    assert resumed.temperatures() == task.temperatures()
+
+
+def test_student_checkpoint_stays_plain(tmp_path):
+    task, opt = _make()
+    _train(task, opt, 2, 0)
+    saver = CheckpointSaver(model=task.get_trainable_module(), optimizer=opt, args=argparse.Namespace(model='small'),
+                            checkpoint_dir=str(tmp_path), recovery_dir=str(tmp_path), task=task)
+    saver.save_checkpoint(epoch=0, metric=1.0)
+    ckpt = torch.load(tmp_path / 'last.pth.tar', map_location='cpu', weights_only=False)
+    assert 'mkd' in ckpt['task_state'] and 'task_state_ema' not in ckpt
+    fresh = SmallCNN(drop=0.0)
+    fresh.load_state_dict(ckpt['state_dict'], strict=True)  # no teacher or temperature keys
+    fresh.load_state_dict(ckpt['state_dict_ema'], strict=True)
+
+
+def test_resume_from_plain_checkpoint_keeps_initial_temperatures(tmp_path):
+    task, opt = _make()
+    torch.save({'state_dict': task.trainable_module.state_dict(), 'epoch': 3}, tmp_path / 'plain.pth')
+    fresh, opt2 = _make()
+    resume_task_checkpoint(fresh, str(tmp_path / 'plain.pth'), optimizer=opt2, log_info=False)
+    assert fresh.temperatures() == (3.0, 5.0)
