@@ -1,0 +1,268 @@
+"""Meta data sources and the meta loader, on real timm, real torch and real Fashion-MNIST."""
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from timm.data import create_dataset, create_loader, create_transform
+from timm.data.auto_augment import RandAugment
+
+from fmnist import fashion_mnist_root
+from timm_mkd.meta_data import (
+    IndexSubset,
+    LastTrainBatch,
+    build_meta_loader,
+    check_not_validation,
+    holdout_indices,
+    split_holdout,
+)
+
+INPUT_SIZE = (1, 32, 32)
+MEAN, STD = (0.2860,), (0.3530,)
+CPU = torch.device('cpu')
+
+
+def _fmnist(split='train', is_training=False):
+    return create_dataset(
+        'torch/fashion_mnist', root=fashion_mnist_root(), split=split, is_training=is_training,
+        download=False)
+
+
+def _small_meta_set(n=64, offset=0):
+    return IndexSubset(_fmnist('train'), range(offset, offset + n))
+
+
+def _meta(dataset, batch_size=16, **kwargs):
+    kwargs.setdefault('seed', 0)
+    return build_meta_loader(
+        dataset, input_size=INPUT_SIZE, batch_size=batch_size, mean=MEAN, std=STD, **kwargs)
+
+
+def _keys(images):
+    """A hashable identity per image (Fashion-MNIST images in a small range are distinct)."""
+    return [bytes(x.numpy().tobytes()) for x in images]
+
+
+# ------------------------------------------------------------------ holdout_indices
+
+def test_holdout_is_deterministic_disjoint_and_complete():
+    train_a, meta_a = holdout_indices(1000, 0.1, seed=3)
+    train_b, meta_b = holdout_indices(1000, 0.1, seed=3)
+    assert (train_a, meta_a) == (train_b, meta_b)
+    assert len(meta_a) == 100 and len(train_a) == 900
+    assert not set(train_a) & set(meta_a)
+    assert sorted(train_a + meta_a) == list(range(1000))
+    assert train_a == sorted(train_a) and meta_a == sorted(meta_a)
+    _, meta_other = holdout_indices(1000, 0.1, seed=4)
+    assert meta_other != meta_a  # the seed matters
+    assert meta_a != list(range(100))  # a permutation, not the first block
+
+
+def test_holdout_does_not_touch_global_rng():
+    state = torch.get_rng_state()
+    holdout_indices(500, 0.2, seed=0)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize('fraction', [0.0, 1.0, -0.1, 1.5])
+def test_holdout_rejects_fraction_outside_open_interval(fraction):
+    with pytest.raises(ValueError, match=r'in \(0, 1\) exclusive'):
+        holdout_indices(100, fraction)
+
+
+def test_holdout_rejects_fraction_leaving_a_side_empty():
+    with pytest.raises(ValueError, match='leaves the meta set empty'):
+        holdout_indices(10, 0.01)
+    with pytest.raises(ValueError, match='leaves the training set empty'):
+        holdout_indices(10, 0.99)
+
+
+# ------------------------------------------------------------------ IndexSubset / split_holdout
+
+def test_split_holdout_keeps_train_and_eval_transforms_apart():
+    """create_loader sets dataset.transform; each subset must keep its own through IndexSubset."""
+    train_ds = _fmnist('train', is_training=True)
+    meta_ds = _fmnist('train', is_training=False)
+    train_sub, meta_sub = split_holdout(train_ds, meta_ds, fraction=0.1, seed=0)
+    assert len(train_sub) == 54000 and len(meta_sub) == 6000
+    assert not set(train_sub.indices) & set(meta_sub.indices)
+
+    loader_train = create_loader(
+        train_sub, input_size=INPUT_SIZE, batch_size=8, is_training=True,
+        auto_augment='rand-m9-mstd0.5', mean=MEAN, std=STD, num_workers=0,
+        use_prefetcher=False, device=CPU)
+    meta = _meta(meta_sub, batch_size=8)
+
+    # the transforms landed on the two wrapped instances, and they differ
+    assert train_sub.transform is train_ds.transform
+    assert meta_sub.transform is meta_ds.transform
+    assert any(isinstance(t, RandAugment) for t in train_ds.transform.transforms)
+    assert not any(isinstance(t, RandAugment) for t in meta_ds.transform.transforms)
+
+    # a meta sample is exactly timm's eval transform of the raw image
+    raw = Image.fromarray(meta_ds.data[meta_sub.indices[0]].numpy(), mode='L')
+    eval_tf = create_transform(INPUT_SIZE, is_training=False, mean=MEAN, std=STD)
+    x_meta, y_meta = meta_sub[0]
+    assert torch.equal(x_meta, eval_tf(raw))
+    assert y_meta == int(meta_ds.targets[meta_sub.indices[0]])
+
+    # a training sample is augmented: random, and not the eval view
+    torch.manual_seed(0)
+    random.seed(0)
+    views = [train_sub[0][0] for _ in range(4)]
+    raw_t = Image.fromarray(train_ds.data[train_sub.indices[0]].numpy(), mode='L')
+    assert all(v.shape == INPUT_SIZE and v.dtype == torch.float32 for v in views)
+    assert any(not torch.equal(views[0], v) for v in views[1:])
+    assert not any(torch.equal(eval_tf(raw_t), v) for v in views)
+
+    # both loaders run end to end
+    x, y = next(iter(loader_train))
+    assert x.shape == (8, *INPUT_SIZE) and y.shape == (8,)
+    xm, ym = next(meta)
+    assert xm.shape == (8, *INPUT_SIZE) and ym.dtype == torch.int64
+
+
+def test_split_holdout_refuses_one_shared_instance_and_length_mismatch():
+    ds = _fmnist('train')
+    with pytest.raises(ValueError, match='two distinct instances'):
+        split_holdout(ds, ds, 0.1)
+    with pytest.raises(ValueError, match='60000 and 10000 samples'):
+        split_holdout(ds, _fmnist('test'), 0.1)
+
+
+def test_index_subset_forwards_target_transform_and_set_epoch():
+    ds = _fmnist('test')
+    sub = IndexSubset(ds, [5, 7])
+    sub.target_transform = lambda y: y + 100
+    assert ds.target_transform is sub.target_transform
+    assert sub[1][1] == int(ds.targets[7]) + 100
+    sub.set_epoch(3)  # FashionMNIST has no set_epoch: a harmless no-op
+
+
+# ------------------------------------------------------------------ build_meta_loader
+
+def test_meta_loader_is_endless_and_reshuffles_each_epoch():
+    meta = _meta(_small_meta_set(64), batch_size=16)
+    assert meta.batches_per_epoch == 4
+    batches = [next(meta) for _ in range(10)]  # 2.5 epochs
+    assert all(x.shape == (16, *INPUT_SIZE) and y.shape == (16,) for x, y in batches)
+    epoch0 = _keys(torch.cat([x for x, _ in batches[:4]]))
+    epoch1 = _keys(torch.cat([x for x, _ in batches[4:8]]))
+    assert len(set(epoch0)) == 64 and set(epoch0) == set(epoch1)  # each epoch is one full pass
+    assert epoch0 != epoch1  # in a new order
+    assert meta.state_dict() == {'epoch': 2, 'position': 2}
+
+
+@pytest.mark.parametrize('use_prefetcher', [False, True])
+def test_meta_batches_are_normalised_like_timm_eval_loader(use_prefetcher):
+    subset = _small_meta_set(64)
+    reference = create_loader(
+        IndexSubset(_fmnist('train'), subset.indices), input_size=INPUT_SIZE, batch_size=64,
+        is_training=False, mean=MEAN, std=STD, num_workers=0, use_prefetcher=use_prefetcher,
+        device=CPU)
+    ref_x, ref_y = next(iter(reference))
+    ref = {k: (x, int(y)) for k, x, y in zip(_keys(ref_x), ref_x, ref_y)}
+    meta = _meta(subset, batch_size=16, use_prefetcher=use_prefetcher, device=CPU)
+    x, y = next(meta)
+    assert x.dtype == torch.float32 and x.device == CPU
+    assert abs(x.mean().item()) < 1.0 and x.std().item() > 0.5  # normalised, not [0, 1] or uint8
+    for key, label in zip(_keys(x), y.tolist()):
+        assert key in ref, 'meta sample differs from timm eval loader output'
+        assert ref[key][1] == label
+
+
+def test_prefetcher_and_plain_paths_agree():
+    """Same sample order (same seed) and the same normalisation up to float rounding."""
+    plain = next(_meta(_small_meta_set(32), batch_size=8, use_prefetcher=False))
+    fetched = next(_meta(_small_meta_set(32), batch_size=8, use_prefetcher=True, device=CPU))
+    assert torch.equal(plain[1], fetched[1])
+    torch.testing.assert_close(plain[0], fetched[0], atol=1e-5, rtol=1e-5)
+
+
+def test_distributed_shards_are_disjoint_and_cover_the_set():
+    ranks = [_meta(_small_meta_set(64), batch_size=16, distributed=True, world_size=2, rank=r)
+             for r in (0, 1)]
+    assert [m.batches_per_epoch for m in ranks] == [2, 2]
+    shards = [set(_keys(torch.cat([next(m)[0] for _ in range(2)]))) for m in ranks]
+    assert len(shards[0]) == 32 and len(shards[1]) == 32
+    assert not shards[0] & shards[1]
+    assert len(shards[0] | shards[1]) == 64
+
+
+def test_meta_batch_larger_than_meta_set_is_refused():
+    with pytest.raises(ValueError, match=r'meta batch size 65 is larger than the meta set \(64 samples'):
+        _meta(_small_meta_set(64), batch_size=65)
+    with pytest.raises(ValueError, match=r'\(32 samples on this rank\).*--mkd-meta-batch-size'):
+        _meta(_small_meta_set(64), batch_size=40, distributed=True, world_size=2, rank=1)
+
+
+def test_meta_loader_leaves_global_rng_untouched():
+    meta = _meta(_small_meta_set(48), batch_size=16)
+    torch.manual_seed(1234)
+    random.seed(1234)
+    np.random.seed(1234)
+    torch_state, py_state, np_state = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    for _ in range(5):  # crosses an epoch boundary (3 batches per epoch)
+        next(meta)
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    assert random.getstate() == py_state
+    assert np.array_equal(np.random.get_state()[1], np_state[1])
+
+
+def test_meta_loader_state_dict_resumes_at_the_next_batch():
+    a = _meta(_small_meta_set(64), batch_size=16)
+    for _ in range(6):  # epoch 1, position 2
+        next(a)
+    state = a.state_dict()
+    assert state == {'epoch': 1, 'position': 2}
+    b = _meta(_small_meta_set(64), batch_size=16)
+    b.load_state_dict(state)
+    for _ in range(3):  # through the next epoch boundary
+        xa, ya = next(a)
+        xb, yb = next(b)
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    with pytest.raises(ValueError, match='position must be in'):
+        b.load_state_dict({'epoch': 0, 'position': 5})
+
+
+# ------------------------------------------------------------------ check_not_validation
+
+def test_check_not_validation_refuses_the_reporting_split(tmp_path):
+    root = str(tmp_path)
+    with pytest.raises(ValueError, match=r"meta split 'validation'.*validation split 'validation'"):
+        check_not_validation('validation', root, 'validation', root)
+    with pytest.raises(ValueError, match='Hold out a fraction'):
+        check_not_validation('val', None, 'validation', root)  # synonyms, meta root defaults to val root
+    with pytest.raises(ValueError, match="meta split 'test'"):
+        # timm builds every non-train split of torch/fashion_mnist from the same test set
+        check_not_validation('test', root, 'validation', root, dataset='torch/fashion_mnist')
+    link = os.path.join(root, 'link')
+    os.symlink(root, link)
+    with pytest.raises(ValueError):
+        check_not_validation('validation', link, 'validation', root)
+
+
+def test_check_not_validation_accepts_other_data(tmp_path):
+    root, other = str(tmp_path / 'a'), str(tmp_path / 'b')
+    check_not_validation('train', root, 'validation', root)
+    check_not_validation('validation', other, 'validation', root)
+    check_not_validation('test', root, 'validation', root)  # a folder dataset: another folder
+
+
+# ------------------------------------------------------------------ LastTrainBatch
+
+def test_last_train_batch_replays_the_latest_batch_with_soft_targets():
+    source = LastTrainBatch()
+    with pytest.raises(RuntimeError, match='call update'):
+        next(source)
+    x1, y1 = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
+    source.update(x1, y1)
+    x2 = torch.randn(4, 1, 8, 8, requires_grad=True)
+    soft = torch.full((4, 10), 0.01).index_fill_(1, torch.tensor([2]), 0.91)  # mixup-style target
+    source.update(x2, soft)
+    x, t = next(source)
+    assert torch.equal(x, x2) and not x.requires_grad
+    assert t.dtype == torch.float32 and t.shape == (4, 10) and torch.equal(t, soft)
+    assert next(source)[0] is x  # the same batch until the next update
