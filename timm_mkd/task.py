@@ -128,6 +128,7 @@ class MKDTask(TrainingTask):
         self._hooks: List = []
         self._meta_source = None
         self._meta_iter = None
+        self._pending_meta_data_state = None
         self._last_batch: Optional[TrainBatch] = None
         self._theta: Optional[Dict[str, torch.Tensor]] = None
         self._callbacks: List[Callable[[dict], None]] = []
@@ -179,6 +180,8 @@ class MKDTask(TrainingTask):
             'updates': self.updates,
             'meta_steps': self.meta_steps,
             'meta_skipped': self.meta_skipped,
+            # Where the meta loader stands (timm_mkd.meta_data.MetaBatches), so resume draws the next batch.
+            'meta_data': self._meta_source.state_dict() if hasattr(self._meta_source, 'state_dict') else {},
         }}
 
     def load_task_state(self, state: Optional[Dict], strict: bool = True, module: Optional[nn.Module] = None,
@@ -205,6 +208,16 @@ class MKDTask(TrainingTask):
         self.updates = int(mkd['updates'])
         self.meta_steps = int(mkd['meta_steps'])
         self.meta_skipped = int(mkd.get('meta_skipped', 0))
+        self._pending_meta_data_state = mkd.get('meta_data') or None
+        self._restore_meta_data_state()
+
+    def _restore_meta_data_state(self) -> None:
+        # train.py resumes after the optimizer (and hence attach) exists, a plain loop may resume before.
+        state = self._pending_meta_data_state
+        if state and hasattr(self._meta_source, 'load_state_dict'):
+            self._meta_source.load_state_dict(state)
+            self._meta_iter = None
+            self._pending_meta_data_state = None
 
     # ------------------------------------------------------------------ training step
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -267,6 +280,7 @@ class MKDTask(TrainingTask):
             optimizer.register_step_pre_hook(self._before_update),
             optimizer.register_step_post_hook(self._after_update),
         ]
+        self._restore_meta_data_state()
         return self
 
     def detach(self) -> None:
