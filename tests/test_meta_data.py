@@ -12,7 +12,6 @@ from timm.data.auto_augment import RandAugment
 from fmnist import fashion_mnist_root
 from timm_mkd.meta_data import (
     IndexSubset,
-    LastTrainBatch,
     build_meta_loader,
     check_not_validation,
     holdout_indices,
@@ -251,18 +250,3 @@ def test_check_not_validation_accepts_other_data(tmp_path):
     check_not_validation('test', root, 'validation', root)  # a folder dataset: another folder
 
 
-# ------------------------------------------------------------------ LastTrainBatch
-
-def test_last_train_batch_replays_the_latest_batch_with_soft_targets():
-    source = LastTrainBatch()
-    with pytest.raises(RuntimeError, match='call update'):
-        next(source)
-    x1, y1 = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
-    source.update(x1, y1)
-    x2 = torch.randn(4, 1, 8, 8, requires_grad=True)
-    soft = torch.full((4, 10), 0.01).index_fill_(1, torch.tensor([2]), 0.91)  # mixup-style target
-    source.update(x2, soft)
-    x, t = next(source)
-    assert torch.equal(x, x2) and not x.requires_grad
-    assert t.dtype == torch.float32 and t.shape == (4, 10) and torch.equal(t, soft)
-    assert next(source)[0] is x  # the same batch until the next update

@@ -158,3 +158,24 @@ def test_autocast_finite_difference_matches_fp32():
     rel_meta = float((bf16_meta - fp32).norm() / fp32.norm())
     print('fp32', fp32.tolist(), 'outer bf16 autocast', mixed.tolist(), rel, 'bf16 meta batch', rel_meta)
     assert rel < 0.05 and rel_meta < 0.05
+
+
+def test_training_stream_meta_source_with_soft_targets():
+    """attach(optimizer, 'train') scores the look-ahead on the training batch, mixup targets included."""
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+    torch.manual_seed(0)
+    student = SmallCNN(drop=0.1)
+    task = MKDTask(student, SmallCNN(width=16, drop=0.0), criterion=SoftTargetCrossEntropy(),
+                   meta_interval=2, meta_lr=0.1, verbose=False)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    task.attach(opt, 'train')
+    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=10)
+    for i in range(4):
+        x, y = mixup(*fmnist_batches(32, offset=32 * i))
+        assert y.dtype.is_floating_point and y.shape == (32, 10)
+        opt.zero_grad()
+        task(x, y)['loss'].backward()
+        opt.step()
+    assert task.meta_steps == 2 and task.meta_skipped == 0
+    assert task.temperatures() != (4.0, 4.0)

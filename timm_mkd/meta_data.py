@@ -10,8 +10,8 @@ honest:
 (b) **a separate split or folder**: any dataset the caller builds with timm's ``create_dataset``
     (another split, another root). ``check_not_validation`` refuses the split used to report
     validation accuracy, which would leak the reported metric into training.
-(c) **the training stream itself** (``LastTrainBatch``): the meta step reuses the current
-    training batch. Biased (see the class), but needs no data at all.
+(c) **the training stream itself**: ``MKDTask.attach(optimizer, 'train')`` reuses the current
+    training batch inside the task (see ``timm_mkd.task.TRAIN_STREAM``). Biased, but needs no data.
 
 Sources (a) and (b) are read through ``build_meta_loader``: timm's *eval* transforms, no mixup,
 a seeded per-rank shuffled shard, endless iteration, and a private RNG so that drawing meta
@@ -30,7 +30,6 @@ __all__ = [
     'IndexSubset',
     'split_holdout',
     'check_not_validation',
-    'LastTrainBatch',
     'MetaBatches',
     'build_meta_loader',
 ]
@@ -241,57 +240,6 @@ def check_not_validation(
         f'{val_split!r} (root {val_root!r}) used to report accuracy: learning the temperatures on it '
         f'would leak the reported metric into training. Hold out a fraction of the training split '
         f'instead, or point the meta data at another split or folder.')
-
-
-# --------------------------------------------------------------------------------------------
-# (c) the training stream itself
-# --------------------------------------------------------------------------------------------
-
-class LastTrainBatch:
-    """Meta source that replays the most recent training batch (no held-out data).
-
-    Exists for setups with no data to spare: the meta step scores the look-ahead student on the
-    very batch that produced the look-ahead. This is **biased**: the look-ahead step has just
-    descended on that batch, so the meta loss rewards temperatures that help memorise it, not
-    ones that generalise. Prefer a held-out fraction or a separate split when you can.
-
-    The stored target is whatever the training step used: class indices ``[B]`` (int64), or,
-    with mixup / cutmix / label smoothing, a soft target matrix ``[B, C]`` (float). The meta loss
-    must accept both (the core uses ``-(t * log_softmax(z)).sum(-1).mean()`` for float targets).
-
-    The batch is stored by reference, not copied: the training loop must not modify ``input``
-    in place between ``update`` and the meta step (timm's train.py does not).
-
-    Usage::
-
-        source = LastTrainBatch()
-        source.update(input, target)   # in the training forward
-        meta_input, meta_target = next(source)   # in the meta step
-    """
-
-    def __init__(self):
-        self._batch: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
-
-    def update(self, input: torch.Tensor, target: torch.Tensor) -> None:
-        """Remember the current training batch (detached: the meta step builds its own graph)."""
-        self._batch = (input.detach(), target.detach())
-
-    def __iter__(self) -> 'LastTrainBatch':
-        return self
-
-    def __next__(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        if self._batch is None:
-            raise RuntimeError(
-                'the training-stream meta source has no batch yet: call update(input, target) with '
-                'the training batch before the first meta step')
-        return self._batch
-
-    def state_dict(self) -> Dict[str, Any]:
-        """Nothing to save (same interface as ``MetaBatches``)."""
-        return {}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Nothing to restore (same interface as ``MetaBatches``)."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,7 +19,13 @@ from .temperature import Temperatures
 _logger = logging.getLogger(__name__)
 
 TRAIN_STREAM = 'train'
-"""Pass as ``meta_batches`` to ``attach`` to draw meta batches from the training stream itself."""
+"""Pass as ``meta_batches`` to ``attach`` to score the look-ahead on the training batch itself.
+
+Needs no held-out data, but it is **biased**: the look-ahead has just descended on that very
+batch, so the meta loss favours temperatures that help fit it rather than ones that generalise.
+With mixup/cutmix its target is the soft ``[B, C]`` matrix, which ``meta_loss_fn`` accepts.
+Prefer a held-out fraction (``timm_mkd.meta_data.split_holdout``) or another split.
+"""
 
 
 class MKDTask(TrainingTask):
