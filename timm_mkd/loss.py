@@ -19,6 +19,10 @@ the factor is timm's ``T^2``, so MKD at its initial values reproduces timm's los
 
 The KD term only needs logits, so it is indifferent to mixup/cutmix soft targets: the task
 criterion alone consumes the targets.
+
+Rows whose teacher logits are not finite (a teacher overflowing in fp16, a corrupt sample)
+contribute zero instead of turning the whole loss, the student's gradient and the
+hypergradient into NaN. This is done with ``torch.where``, without a host sync.
 """
 import torch
 import torch.nn.functional as F
@@ -49,9 +53,13 @@ def two_temperature_kd_loss(
             f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
             f"differ: teacher and student must predict the same classes.")
     dtype = torch.promote_types(student_logits.dtype, torch.float32)  # float32, or float64 in oracle tests
+    teacher_logits = teacher_logits.to(dtype)
+    finite = torch.isfinite(teacher_logits).all(dim=-1, keepdim=True)
+    teacher_logits = torch.where(finite, teacher_logits, torch.zeros_like(teacher_logits))
     log_p_s = F.log_softmax(student_logits.to(dtype) / tau_s, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits.to(dtype) / tau_t, dim=-1)
-    kl = F.kl_div(log_p_s, log_p_t, reduction='batchmean', log_target=True)
+    log_p_t = F.log_softmax(teacher_logits / tau_t, dim=-1)
+    kl_rows = F.kl_div(log_p_s, log_p_t, reduction='none', log_target=True).sum(-1, keepdim=True)
+    kl = torch.where(finite, kl_rows, torch.zeros_like(kl_rows)).sum() / student_logits.shape[0]
     return kl * tau_s * tau_s
 
 
