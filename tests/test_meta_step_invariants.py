@@ -120,6 +120,18 @@ def test_non_finite_hypergradient_is_skipped_with_warning():
     assert task.last_record['skipped'] == 1
 
 
+def test_repeated_skips_are_reported_each_time(caplog):
+    xm, ym = fmnist_batches(16, offset=4000)
+    xm = xm.clone()
+    xm[:, 0, 0, 0] = float('inf')
+    with pytest.warns(RuntimeWarning):
+        task, _, _ = _run(steps=12, meta_batches=[(xm, ym)])
+    logged = [r for r in caplog.records if 'skipped' in r.getMessage()]
+    assert len(logged) == 12 and task.meta_skipped == 12
+    assert logged[-1].levelname == 'ERROR' and 'frozen' in logged[-1].getMessage()
+    assert task.temperatures() == pytest.approx((4.0, 4.0), rel=0, abs=1e-6)
+
+
 def test_temperatures_stay_inside_bounds():
     """A huge meta learning rate drives tau against a bound; projection keeps it there, not beyond."""
     task, _, _ = _run(steps=6, meta_lr=5.0, tau_min=1.0, tau_max=8.0)

@@ -348,10 +348,17 @@ class MKDTask(TrainingTask):
         if skipped:
             self.meta_skipped += 1
             self._consecutive_skips += 1
-            warnings.warn(
+            message = (
                 f"MKD meta step {self.meta_steps} skipped: non-finite hypergradient or meta loss "
                 f"({grad.tolist()}, {meta_loss}); temperatures unchanged ({self.meta_skipped} skipped so far, "
-                f"{self._consecutive_skips} in a row).", RuntimeWarning)
+                f"{self._consecutive_skips} in a row).")
+            # warnings.warn shows a location once; the log line reports every repeat.
+            warnings.warn(message, RuntimeWarning)
+            if self._consecutive_skips >= 10:
+                _logger.error(message + " The temperatures are frozen: check the teacher's logits, the meta data "
+                              "(NaN inputs?) and the student's learning rate.")
+            else:
+                _logger.warning(message)
         else:
             self._consecutive_skips = 0
             self._apply(grad)
