@@ -315,6 +315,25 @@ class _UtilsProxy(types.ModuleType):
         return getattr(self.__dict__['_base'], name)
 
 
+def _cpu_ddp_safe(task):
+    """Let ``torchrun`` on CPU work: drop train.py's ``device_ids=[cpu]`` before DDP sees it.
+
+    train.py calls ``task.prepare_distributed(device_ids=[device], ...)`` whatever the device;
+    ``DistributedDataParallel`` refuses ``device_ids`` for CPU modules ("device_ids ... only work
+    with ... GPU modules"), so train.py itself cannot run DDP on CPU (gloo). For the tasks we
+    build, a CPU device list becomes None, which is what DDP expects there; GPU runs are unchanged.
+    """
+    original = task.prepare_distributed
+
+    def prepare_distributed(device_ids=None, **ddp_kwargs):
+        import torch
+        if device_ids and all(torch.device(d).type == 'cpu' for d in device_ids):
+            device_ids = None
+        return original(device_ids=device_ids, **ddp_kwargs)
+    task.prepare_distributed = prepare_distributed
+    return task
+
+
 def _dump_args(args_dict: Dict[str, Any]) -> str:
     import yaml
     return yaml.safe_dump(args_dict, default_flow_style=False)
@@ -364,7 +383,11 @@ class MKDRun:
     def add_flags(self) -> None:
         """Add the MKD argument group to train.py's ``parser`` (``--help`` and ``-c`` YAML see it)."""
         from timm_mkd.cli import add_mkd_args
-        add_mkd_args(self.module.parser)
+        parser = self.module.parser
+        add_mkd_args(parser)
+        note = (f'train_mkd.py runs this train.py ({getattr(self.module, "__file__", "?")}, timm {self.generation} '
+                f'generation); choose another with --timm-train PATH or $TIMM_TRAIN_PY.')
+        parser.epilog = f'{parser.epilog}\n\n{note}' if parser.epilog else note
 
     def patch_parse_args(self) -> None:
         from timm_mkd.cli import MKD_DESTS, MKDArgumentError, mkd_flags_in_use, validate_mkd_args
@@ -434,6 +457,15 @@ class MKDRun:
             raise MKDSetupError(f'--mkd-meta-data {self.args.mkd_meta_data}: {e}') from e
         if self.is_primary() and spec.kind != 'holdout':
             _logger.info(f'MKD: meta data from {spec.describe()} ({len(meta_ds)} samples)')
+        # Fail now, before the model and teacher are built, rather than at the first meta step.
+        world = int(getattr(self.args, 'world_size', 1) or 1) if getattr(self.args, 'distributed', False) else 1
+        per_rank = len(meta_ds) // world
+        if self.opts.meta_batch_size and self.opts.meta_batch_size > per_rank:
+            raise MKDSetupError(
+                f'--mkd-meta-batch-size {self.opts.meta_batch_size} is larger than the meta set '
+                f'({len(meta_ds)} samples from {spec.describe()}' + (f', {per_rank} per rank' if world > 1 else '')
+                + f'). Fix: lower --mkd-meta-batch-size (it defaults to --batch-size) or use more meta data'
+                + (' (a larger --mkd-meta-data fraction).' if spec.kind == 'holdout' else '.'))
         self.meta_dataset = meta_ds
         return train_ds
 
@@ -495,14 +527,14 @@ class MKDRun:
                 )
                 self._track_kd_loss(task)
                 self.task = task
-                return task
+                return _cpu_ddp_safe(task)
             teacher = teacher_name
             if self.opts.teacher_checkpoint:
                 from timm_mkd import build_teacher
                 teacher = build_teacher(
                     teacher_name, student, checkpoint_path=self.opts.teacher_checkpoint,
                     device=device, dtype=dtype, student_mean=mean, student_std=std)
-            return original(**dict(kw, teacher_model=teacher))
+            return _cpu_ddp_safe(original(**dict(kw, teacher_model=teacher)))
         except (ValueError, FileNotFoundError, OSError, RuntimeError, TypeError, KeyError) as e:
             raise MKDSetupError(f'cannot set up the {source}: {e}') from e
 

@@ -276,7 +276,8 @@ def validate_mkd_args(args: argparse.Namespace) -> Optional[MKDOptions]:
         stray = [_flag(d) for d in _MKD_ONLY if get(d) != MKD_DESTS[d]]
         if stray:
             raise MKDArgumentError(
-                f'{", ".join(stray)} only act with --mkd; add --mkd (and a teacher) or drop '
+                f'{", ".join(stray)}: MKD setting{"s" if len(stray) > 1 else ""} given without --mkd, '
+                f'where {"they do" if len(stray) > 1 else "it does"} nothing. Add --mkd (and a teacher) or drop '
                 f'{"them" if len(stray) > 1 else "it"}')
         if checkpoint is None:
             return None
