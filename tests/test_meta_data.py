@@ -91,6 +91,7 @@ def test_split_holdout_keeps_train_and_eval_transforms_apart():
     loader_train = create_loader(
         train_sub, input_size=INPUT_SIZE, batch_size=8, is_training=True,
         auto_augment='rand-m9-mstd0.5', mean=MEAN, std=STD, num_workers=0,
+        persistent_workers=False,  # timm 1.0.27 passes True to DataLoader even with 0 workers
         use_prefetcher=False, device=CPU)
     meta = _meta(meta_sub, batch_size=8)
 
@@ -159,7 +160,7 @@ def test_meta_batches_are_normalised_like_timm_eval_loader(use_prefetcher):
     subset = _small_meta_set(64)
     reference = create_loader(
         IndexSubset(_fmnist('train'), subset.indices), input_size=INPUT_SIZE, batch_size=64,
-        is_training=False, mean=MEAN, std=STD, num_workers=0, use_prefetcher=use_prefetcher,
+        is_training=False, mean=MEAN, std=STD, num_workers=0, persistent_workers=False, use_prefetcher=use_prefetcher,
         device=CPU)
     ref_x, ref_y = next(iter(reference))
     ref = {k: (x, int(y)) for k, x, y in zip(_keys(ref_x), ref_x, ref_y)}
