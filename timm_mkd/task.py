@@ -171,6 +171,12 @@ class MKDTask(TrainingTask):
         self.teacher.compile(backend=backend, mode=mode, compile_model=True, compile_features=False, **compile_kwargs)
         return self.trainable_module
 
+    def train(self, mode: bool = True) -> 'MKDTask':
+        """Set train/eval mode on the task; the teacher stays in eval mode (BN stats, no dropout)."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
     def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict:
         """Temperatures, meta-optimizer state and step counters (nothing for the EMA model).
 

@@ -1,0 +1,75 @@
+"""MKDTask as a timm TrainingTask: result dict, frozen teacher, compile, EMA."""
+import torch
+from timm.task import TrainingTask
+
+from timm_mkd import MKDTask
+
+from small_models import SmallCNN, fmnist_batches
+
+
+def _task(**kwargs):
+    torch.manual_seed(0)
+    return MKDTask(SmallCNN(drop=0.1), SmallCNN(width=16, drop=0.3), verbose=False, **kwargs)
+
+
+def test_is_a_timm_task_with_the_promised_outputs():
+    task = _task(tau_t=2.0, tau_s=3.0)
+    assert isinstance(task, TrainingTask)
+    x, y = fmnist_batches(8)
+    out = task(x, y)
+    assert set(out) >= {'loss', 'output', 'task_loss', 'kd_loss', 'tau_t', 'tau_s'}
+    assert out['output'].shape == (8, 10)
+    assert float(out['tau_t']) == 2.0 and float(out['tau_s']) == 3.0
+    assert task.temperatures() == (2.0, 3.0)
+    assert torch.allclose(out['loss'], out['task_loss'] + out['kd_loss'])
+
+
+def test_loss_weight_modes_follow_timm():
+    assert (_task().task_loss_weight, _task().distill_loss_weight) == (1.0, 1.0)
+    t = _task(task_loss_weight=0.3)
+    assert (t.task_loss_weight, t.distill_loss_weight) == (0.3, 0.7)
+    t = _task(distill_loss_weight=2.0)
+    assert (t.task_loss_weight, t.distill_loss_weight) == (1.0, 2.0)
+
+
+def test_teacher_frozen_and_in_eval_mode():
+    task = _task()
+    task.train()
+    assert not task.teacher.training and task.trainable_module.training
+    assert not any(p.requires_grad for p in task.teacher.parameters())
+    x, y = fmnist_batches(8)
+    task(x, y)['loss'].backward()
+    assert all(p.grad is None for p in task.teacher.parameters())
+    # the optimizer only sees the student; the temperatures are not in it either
+    assert {id(p) for p in task.get_trainable_module().parameters()}.isdisjoint(
+        {id(task.tau.log_tau_t), id(task.tau.log_tau_s)})
+
+
+def test_compiled_student_with_meta_step():
+    """compile() wraps the student and teacher; the meta step runs the unwrapped student eagerly."""
+    task = _task(meta_interval=1)
+    task.compile(backend='aot_eager')
+    assert hasattr(task.trainable_module, '_orig_mod')
+    student = task.get_trainable_module()
+    opt = torch.optim.SGD(student.parameters(), lr=0.05)
+    task.attach(opt, [fmnist_batches(16, offset=100)])
+    x, y = fmnist_batches(16)
+    for _ in range(2):
+        opt.zero_grad()
+        task(x, y)['loss'].backward()
+        opt.step()
+    assert task.meta_steps == 2 and task.meta_skipped == 0 and task.temperatures() != (4.0, 4.0)
+
+
+def test_ema_tracks_student_only():
+    task = _task(meta_interval=1)
+    ema = task.setup_ema(decay=0.5)
+    opt = torch.optim.SGD(task.get_trainable_module().parameters(), lr=0.1)
+    task.attach(opt, [fmnist_batches(16, offset=100)])
+    x, y = fmnist_batches(16)
+    opt.zero_grad()
+    task(x, y)['loss'].backward()
+    opt.step()
+    task.update_ema(step=1)
+    assert task.has_ema() and set(ema.module.state_dict()) == set(task.trainable_module.state_dict())
+    assert task.get_task_state(ema=True) == {}
