@@ -628,7 +628,13 @@ class MKDRun:
     def patch_resume(self) -> None:
         def factory(original):
             def resume_task_checkpoint(task, *a, **kw):
-                result = original(task, *a, **kw)
+                try:
+                    result = original(task, *a, **kw)
+                except RuntimeError as e:
+                    if self.task is None or task is not self.task:
+                        raise
+                    path = a[0] if a else kw.get('checkpoint_path')
+                    raise MKDSetupError(f'--resume {path}: {e}') from e
                 if task is self.task and self.task is not None and self.is_primary():
                     tau_t, tau_s = self.task.temperatures()
                     _logger.info(

@@ -218,3 +218,17 @@ def test_values_are_plain_types_for_weights_only_checkpoints():
     args, _ = parse('--mkd', '--teacher', 'a', '--mkd-meta-data', 'split:meta')
     for dest in MKD_DESTS:
         assert isinstance(getattr(args, dest), (str, int, float, bool, type(None)))
+
+
+def test_meta_split_folder_must_exist_for_folder_datasets(tmp_path):
+    """timm reads all of --data-dir when the split folder is missing: that would include validation."""
+    (tmp_path / 'train').mkdir()
+    (tmp_path / 'validation').mkdir()
+    args = make_parser().parse_args(
+        ['--mkd', '--teacher', 'a', '--data-dir', str(tmp_path), '--mkd-meta-data', 'split:meta'])
+    with pytest.raises(MKDArgumentError, match='there is no folder'):
+        validate_mkd_args(args)
+    (tmp_path / 'meta').mkdir()
+    args = make_parser().parse_args(
+        ['--mkd', '--teacher', 'a', '--data-dir', str(tmp_path), '--mkd-meta-data', 'split:meta'])
+    assert validate_mkd_args(args).meta_data.split == 'meta'

@@ -15,7 +15,6 @@ import csv
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -312,18 +311,13 @@ def test_plain_kd_with_local_teacher_checkpoint(train_py, data_root, workdir, te
     assert not (workdir / 'out' / 'kd' / 'temperatures.csv').exists()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_two_processes(train_py, data_root, workdir, teacher_ckpt):
     """torchrun --nproc_per_node 2 on CPU (gloo): ranks agree on tau (checked every epoch), rank 0 writes."""
     args = base_args(data_root, workdir / 'out', 'ddp', epochs=2)
     args[args.index('-b') + 1] = '16'
-    result = ok(run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
-                     '--master_port', str(_free_port()), TRAIN_MKD, '--timm-train', train_py]
+    # --standalone: torchrun picks a free rendezvous port itself (no race with other jobs' ports)
+    result = ok(run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                     TRAIN_MKD, '--timm-train', train_py]
                     + args + mkd_flags(teacher_ckpt, meta_bs=8), cwd=workdir))
     assert 'Training in distributed mode' in result.log
     assert result.log.count('MKD epoch 1: tau_t=') == 1  # primary rank only
@@ -368,3 +362,13 @@ def test_errors(train_py, data_root, workdir, teacher_ckpt, name, extra, words, 
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith('train_mkd.py: error:'), last
     assert not (workdir / 'errors' / name).exists()
+
+
+@pytest.mark.slow
+def test_torchcompile(train_py, data_root, workdir, teacher_ckpt):
+    """--torchcompile (inductor on CPU: about a minute of compilation)."""
+    result = ok(run_mkd(train_py, base_args(data_root, workdir / 'out', 'compiled') + mkd_flags(teacher_ckpt)
+                        + ['--torchcompile'], cwd=workdir))
+    assert 'Compiling task components' in result.log
+    rows = assert_mkd_summary(workdir / 'out' / 'compiled', epochs=1)
+    print(f'torchcompile: tau_t={float(rows[-1]["tau_t"]):.4f} tau_s={float(rows[-1]["tau_s"]):.4f}')

@@ -225,6 +225,27 @@ def mkd_flags_in_use(args: argparse.Namespace) -> Sequence[str]:
     return used
 
 
+_TRAIN_SYNONYMS = ('train', 'training')
+_EVAL_SYNONYMS = ('val', 'valid', 'validation', 'eval', 'evaluation')
+
+
+def _is_folder_dataset(dataset: Optional[str]) -> bool:
+    """train.py's ``--dataset`` for image folders: empty (timm's default) or a folder type."""
+    name = (dataset or '').lower()
+    return name in ('', 'folder', 'imagefolder', 'torch/folder', 'torch/image_folder')
+
+
+def _split_folder_exists(data_dir: str, split: str) -> bool:
+    """Whether timm's create_dataset finds a sub-folder for ``split`` (else it reads all of data_dir)."""
+    name = split.split('[')[0]
+    candidates = [name]
+    if name in _TRAIN_SYNONYMS:
+        candidates += list(_TRAIN_SYNONYMS)
+    elif name in _EVAL_SYNONYMS:
+        candidates += list(_EVAL_SYNONYMS)
+    return any(os.path.isdir(os.path.join(data_dir, c)) for c in candidates)
+
+
 def _validation_folders(data_dir: Optional[str], val_split: str):
     """Folders timm's create_dataset may read the validation split from (folder datasets).
 
@@ -233,8 +254,8 @@ def _validation_folders(data_dir: Optional[str], val_split: str):
     if not data_dir or not val_split:
         return set()
     names = {val_split}
-    if val_split in ('val', 'valid', 'validation', 'eval', 'evaluation'):
-        names |= {'val', 'valid', 'validation', 'eval', 'evaluation'}
+    if val_split in _EVAL_SYNONYMS:
+        names |= set(_EVAL_SYNONYMS)
     return {os.path.realpath(os.path.join(data_dir, n)) for n in names}
 
 
@@ -347,6 +368,12 @@ def validate_mkd_args(args: argparse.Namespace) -> Optional[MKDOptions]:
                 f'--mkd-meta-data split:{spec.split} is the validation split (--val-split {val_split}): '
                 f'learning the temperatures on it would leak the reported accuracy into training. '
                 f'Use a held-out fraction (e.g. --mkd-meta-data 0.05) or another split.') from e
+    if spec.kind == 'split' and _is_folder_dataset(get('dataset')) and data_dir and os.path.isdir(data_dir):
+        if not _split_folder_exists(data_dir, spec.split):
+            raise MKDArgumentError(
+                f'--mkd-meta-data split:{spec.split}: there is no folder {os.path.join(data_dir, spec.split)!r}. '
+                f'timm would then read the whole --data-dir (training and validation images) as the meta '
+                f'set. Create that split folder, or use folder:PATH or a held-out fraction (e.g. 0.05).')
     if spec.kind == 'folder':
         if not os.path.isdir(spec.path):
             raise MKDArgumentError(f'--mkd-meta-data folder:{spec.path}: no such folder')
