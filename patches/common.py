@@ -506,7 +506,8 @@ class MKDRun:
         self.img_dtype = dtype
         teacher_name = kw['teacher_model']
         source = f"teacher {teacher_name!r}" + (
-            f' from {self.opts.teacher_checkpoint!r}' if self.opts.teacher_checkpoint else ' (hub weights)')
+            f' from {self.opts.teacher_checkpoint!r}' if self.opts.teacher_checkpoint else ' with hub weights')
+        what = 'MKD' if kind == 'logit' and self.opts.mkd else f'{kind} distillation'
         try:
             if kind == 'logit' and self.opts.mkd:
                 from timm_mkd import MKDTask
@@ -536,7 +537,7 @@ class MKDRun:
                     device=device, dtype=dtype, student_mean=mean, student_std=std)
             return _cpu_ddp_safe(original(**dict(kw, teacher_model=teacher)))
         except (ValueError, FileNotFoundError, OSError, RuntimeError, TypeError, KeyError) as e:
-            raise MKDSetupError(f'cannot set up the {source}: {e}') from e
+            raise MKDSetupError(f'cannot set up {what} with the {source}: {e}') from e
 
     def _resolve_data_config(self, model) -> Dict[str, Any]:
         """train.py's own data config (same call, same args), for normalisation and meta transforms."""

@@ -300,15 +300,21 @@ def test_meta_data_sources(train_py, data_root, workdir, teacher_ckpt, name, met
         assert len(read_csv(workdir / 'out' / name / 'temperatures.csv')) == 12 // 2
 
 
-def test_plain_kd_with_local_teacher_checkpoint(train_py, data_root, workdir, teacher_ckpt):
-    """--teacher-checkpoint without --mkd: timm's own LogitDistillationTask with the local teacher."""
-    result = ok(run_mkd(train_py, base_args(data_root, workdir / 'out', 'kd') + [
-        '--teacher', 'resnet18', '--teacher-checkpoint', teacher_ckpt], cwd=workdir))
+@pytest.mark.parametrize('distill_type, expect', [
+    ('logit', 'LogitDistillationTask: loss_type=kl, temperature=4.0'),
+    ('feature', 'FeatureDistillationTask: student_dim=512, teacher_dim=512'),
+])
+def test_plain_kd_with_local_teacher_checkpoint(train_py, data_root, workdir, teacher_ckpt, distill_type, expect):
+    """--teacher-checkpoint without --mkd: timm's own distillation task with the local teacher."""
+    name = f'kd_{distill_type}'
+    result = ok(run_mkd(train_py, base_args(data_root, workdir / 'out', name) + [
+        '--teacher', 'resnet18', '--teacher-checkpoint', teacher_ckpt, '--kd-distill-type', distill_type],
+        cwd=workdir))
     assert f"Loaded KD teacher 'resnet18' from '{teacher_ckpt}'" in result.log
-    assert 'LogitDistillationTask: loss_type=kl, temperature=4.0' in result.log
-    row = read_csv(workdir / 'out' / 'kd' / 'summary.csv')[0]
+    assert expect in result.log
+    row = read_csv(workdir / 'out' / name / 'summary.csv')[0]
     assert 'tau_t' not in row
-    assert not (workdir / 'out' / 'kd' / 'temperatures.csv').exists()
+    assert not (workdir / 'out' / name / 'temperatures.csv').exists()
 
 
 def test_torchrun_two_processes(train_py, data_root, workdir, teacher_ckpt):
