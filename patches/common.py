@@ -353,7 +353,6 @@ class MKDRun:
         self.args = None
         self.opts = None  # timm_mkd.cli.MKDOptions or None
         self.meta_dataset = None
-        self.train_dataset_size = None
         self.data_config = None
         self.task = None  # the MKDTask, once built
         self.device = None
@@ -401,13 +400,17 @@ class MKDRun:
                     self.module.parser.error(str(e))
                 self.args, self.opts = args, opts
                 if opts is None and not mkd_flags_in_use(args):
-                    # plain train.py run: keep args.yaml exactly as train.py writes it
-                    args_text = _dump_args({k: v for k, v in vars(args).items() if k not in MKD_DESTS})
+                    # A plain train.py run: drop the (default) MKD attributes so that args, the
+                    # args.yaml text and the args pickled into checkpoints are train.py's own.
+                    for dest in MKD_DESTS:
+                        if hasattr(args, dest):
+                            delattr(args, dest)
+                    args_text = _dump_args(vars(args))
                 else:
                     # record the normalised values (kd_model_name from --teacher, meta batch size)
                     args_text = _dump_args(vars(args))
                 if opts is not None and opts.mkd:
-                    if getattr(args, 'kd_temperature', 4.0) != 4.0:
+                    if getattr(args, 'kd_temperature', None) != self.module.parser.get_default('kd_temperature'):
                         _logger.warning(
                             f'--kd-temperature {args.kd_temperature} is ignored with --mkd: the temperatures are '
                             f'learned, starting from --mkd-tau-t {opts.tau_t} and --mkd-tau-s {opts.tau_s}')

@@ -170,6 +170,11 @@ def test_without_mkd_flags_it_is_train_py(train_py, data_root, workdir):
     assert yaml_a == yaml_b
     assert a.stdout.split('--result')[1] == b.stdout.split('--result')[1]
     assert not (out / 'viamkd' / 'temperatures.csv').exists()
+    import torch
+    args_a, args_b = (vars(torch.load(out / n / 'last.pth.tar', map_location='cpu', weights_only=False)['args'])
+                      for n in ('plain', 'viamkd'))
+    args_a.pop('experiment'), args_b.pop('experiment')
+    assert args_a == args_b  # the args pickled into checkpoints too
 
 
 def test_help_lists_mkd_flags(train_py, workdir):
