@@ -383,3 +383,44 @@ def test_torchcompile(train_py, data_root, workdir, teacher_ckpt):
     assert 'Compiling task components' in result.log
     rows = assert_mkd_summary(workdir / 'out' / 'compiled', epochs=1)
     print(f'torchcompile: tau_t={float(rows[-1]["tau_t"]):.4f} tau_s={float(rows[-1]["tau_s"]):.4f}')
+
+
+def test_sigkill_mid_epoch_then_resume_from_recovery(train_py, data_root, workdir, teacher_ckpt):
+    """SIGKILL a real run mid-epoch; --resume from train.py's recovery checkpoint restores the temperatures."""
+    import glob
+    import signal
+    import time
+    import torch
+    outdir = workdir / 'out' / 'killed'
+    args = base_args(data_root, workdir / 'out', 'killed', epochs=3) + mkd_flags(teacher_ckpt) + [
+        '--recovery-interval', '3']
+    with open(workdir / 'killed.log', 'w') as log:
+        proc = subprocess.Popen([sys.executable, TRAIN_MKD, '--timm-train', train_py] + args, cwd=workdir,
+                                env=_env(), stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        try:
+            while not glob.glob(str(outdir / 'recovery-1-*.pth.tar')):
+                assert proc.poll() is None, (workdir / 'killed.log').read_text()[-4000:]
+                assert time.time() < deadline, 'no recovery checkpoint in epoch 1 within 300 s'
+                time.sleep(0.1)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    recovery = max(glob.glob(str(outdir / 'recovery-*.pth.tar')), key=os.path.getmtime)
+    state = torch.load(recovery, map_location='cpu', weights_only=False)['task_state']['mkd']
+    saved_t, saved_s = math.exp(float(state['log_tau_t'])), math.exp(float(state['log_tau_s']))
+
+    # the meta-step log survived the kill and agrees with the checkpoint
+    steps = [r for r in read_csv(outdir / 'temperatures.csv') if int(r['step']) <= int(state['updates'])]
+    assert float(steps[-1]['tau_t']) == pytest.approx(saved_t, rel=1e-6)
+
+    result = ok(run_mkd(train_py, base_args(data_root, workdir / 'out', 'killed_resumed', epochs=3)
+                        + mkd_flags(teacher_ckpt) + ['--resume', recovery], cwd=workdir))
+    line = next(l for l in result.log.splitlines() if 'MKD: resumed temperatures' in l)
+    assert float(line.split('tau_t=')[1].split()[0]) == pytest.approx(saved_t, rel=1e-5)
+    assert float(line.split('tau_s=')[1].split()[0]) == pytest.approx(saved_s, rel=1e-5)
+    assert f"{int(state['updates'])} updates" in line
+    rows = assert_mkd_summary(workdir / 'out' / 'killed_resumed', epochs=1)  # epoch 2 only
+    print(f'killed at tau_t={saved_t:.4f} tau_s={saved_s:.4f} ({os.path.basename(recovery)}), resumed run ended at '
+          f'tau_t={float(rows[-1]["tau_t"]):.4f} tau_s={float(rows[-1]["tau_s"]):.4f}')
