@@ -1,0 +1,126 @@
+"""Shared pieces of the benchmarks: Fashion-MNIST offline, the student / teacher models, loaders.
+
+Fashion-MNIST comes from Debian's ``dataset-fashion-mnist`` package (IDX ``.gz`` files under
+``/usr/share/datasets/fashion-mnist``). torchvision's ``FashionMNIST`` (which timm's
+``create_dataset('torch/fashion_mnist', ...)`` builds) reads the *unpacked* files from
+``ROOT/FashionMNIST/raw/``, so they are unpacked once into ``~/.cache/timm-mkd/fmnist``
+(the same cache the tests use).
+"""
+import gzip
+import os
+import shutil
+import tempfile
+from typing import Tuple
+
+import timm
+import torch
+import torch.nn as nn
+
+DEBIAN_DIR = '/usr/share/datasets/fashion-mnist'
+FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')
+
+MEAN, STD = (0.2860,), (0.3530,)  # Fashion-MNIST train-split statistics
+NUM_CLASSES = 10
+
+
+def cache_dir(*parts: str) -> str:
+    base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+    path = os.path.join(base, 'timm-mkd', *parts)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def fashion_mnist_root() -> str:
+    """A ``root`` for ``create_dataset('torch/fashion_mnist', root=...)``; unpacks Debian's files once."""
+    missing = [f for f in FILES if not os.path.isfile(os.path.join(DEBIAN_DIR, f + '.gz'))]
+    if missing:
+        raise SystemExit(f'Fashion-MNIST not found in {DEBIAN_DIR} (missing {", ".join(missing)}); '
+                         f'install it with: apt-get install dataset-fashion-mnist')
+    root = cache_dir('fmnist')
+    raw = os.path.join(root, 'FashionMNIST', 'raw')
+    os.makedirs(raw, exist_ok=True)
+    for name in FILES:
+        dest = os.path.join(raw, name)
+        if os.path.isfile(dest):
+            continue
+        fd, tmp = tempfile.mkstemp(dir=raw, prefix=name + '.', suffix='.tmp')
+        try:
+            with os.fdopen(fd, 'wb') as out, gzip.open(os.path.join(DEBIAN_DIR, name + '.gz')) as src:
+                shutil.copyfileobj(src, out)
+            os.replace(tmp, dest)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return root
+
+
+def set_norm(model: nn.Module, mean=MEAN, std=STD) -> nn.Module:
+    """Give a model the data's normalisation in its pretrained_cfg.
+
+    timm's ``LogitDistillationTask`` un-normalises the student's input with the *student's*
+    pretrained_cfg mean/std and re-normalises it with the *teacher's*; a 1-channel model keeps
+    ImageNet's 3-channel statistics there, which would turn the batch into 3 channels. With both
+    set to the data's statistics the re-normalisation is the identity, for KD and MKD alike.
+    """
+    model.pretrained_cfg = {**(getattr(model, 'pretrained_cfg', None) or {}), 'mean': tuple(mean), 'std': tuple(std)}
+    return model
+
+
+def vit_student(img_size: int = 28, depth: int = 4, dim: int = 96, heads: int = 3, in_chans: int = 1,
+                num_classes: int = NUM_CLASSES, **kwargs) -> nn.Module:
+    """``vit_tiny_patch16_224`` shrunk for 28/32 px: patch 4, small depth and width."""
+    model = timm.create_model('vit_tiny_patch16_224', img_size=img_size, patch_size=4, in_chans=in_chans,
+                              num_classes=num_classes, depth=depth, embed_dim=dim, num_heads=heads, **kwargs)
+    return set_norm(model)
+
+
+def teacher_model(name: str = 'resnet18', in_chans: int = 1, num_classes: int = NUM_CLASSES) -> nn.Module:
+    return set_norm(timm.create_model(name, in_chans=in_chans, num_classes=num_classes))
+
+
+def make_loader(dataset, batch_size: int, training: bool, img_size: int = 28, aa=None, num_workers: int = 1,
+                re_prob: float = 0.0):
+    """timm's create_loader (no prefetcher, CPU) with the light geometric aug used throughout."""
+    from timm.data import create_loader
+    return create_loader(
+        dataset, input_size=(1, img_size, img_size), batch_size=batch_size, is_training=training,
+        use_prefetcher=False, mean=MEAN, std=STD, auto_augment=aa, num_workers=num_workers,
+        interpolation='bilinear', crop_pct=1.0, scale=(0.8, 1.0), hflip=0.5, re_prob=re_prob,
+        persistent_workers=False)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, loader) -> float:
+    was = model.training
+    model.eval()
+    correct = total = 0
+    for x, y in loader:
+        correct += (model(x).argmax(-1) == y).sum().item()
+        total += y.numel()
+    model.train(was)
+    return correct / total
+
+
+def peak_rss_mib() -> Tuple[float, float]:
+    """(current RSS, peak RSS) of this process in MiB, from /proc (Linux)."""
+    cur = peak = float('nan')
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('VmRSS:'):
+                    cur = int(line.split()[1]) / 1024
+                elif line.startswith('VmHWM:'):
+                    peak = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return cur, peak
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) of this process; False where not allowed."""
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+        return True
+    except OSError:
+        return False

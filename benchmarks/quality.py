@@ -1,0 +1,384 @@
+"""Quality benchmark: MKD against no KD and timm's fixed-temperature LogitDistillationTask.
+
+Real data (Fashion-MNIST, Debian's ``dataset-fashion-mnist``), strong augmentation as in
+state-of-the-art recipes (RandAugment ``rand-m9-mstd0.5``, mixup 0.8, cutmix 1.0, label
+smoothing 0.1), a small timm ViT student (``vit_tiny_patch16_224`` at 28 px, patch 4) and a
+much larger CNN teacher (``resnet10t``, 4.9M parameters, ~11x the student's 0.46M) trained once, without
+strong augmentation, on the train split minus the held-out meta fraction, and cached.
+
+Configurations, same budget (optimizer updates, batch, schedule) each, >= 3 seeds each:
+``none`` (no KD), ``kd`` at fixed tau 1, 2, 4, 8 (timm's ``LogitDistillationTask``), ``mkd``
+from initial tau 1 and 4 (``timm_mkd.MKDTask``, library defaults unless flags say otherwise).
+Seed s gives every configuration the same student initialisation, data order, augmentation and
+mixup draws (paired runs), so differences between configurations at one seed are less noisy
+than the spread across seeds.
+
+Data: the train split's held-out fraction (5%, ``split_holdout`` seed 0) is MKD's meta data;
+the teacher and all students train on the rest. The 10k test split is used only for the
+reported top-1. ``--tune`` instead holds out a further 5000 training images as a validation set,
+trains on the remainder and reports on it (for choosing MKD's settings without the test split);
+its rows go to ``quality_tune.csv``.
+
+Every finished run is appended to the CSV at once, and runs already there are skipped, so an
+interrupted study resumes where it stopped.
+
+Usage:
+    python benchmarks/quality.py --quick              # ~5 minutes: tiny schedule, 1 seed, 4 configs
+    nohup nice -n 5 python benchmarks/quality.py &    # the full study (see results/README.md)
+    python benchmarks/quality.py --report             # tables + trajectory PNG from the CSV only
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (MEAN, STD, accuracy, cache_dir, fashion_mnist_root, make_loader,  # noqa: E402
+                    teacher_model, vit_student)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, 'results')
+FIELDS = ['method', 'tau', 'seed', 'top1', 'tau_t_final', 'tau_s_final', 'meta_steps', 'meta_skipped', 'steps',
+          'batch_size', 'wall_s', 'eval_split', 'meta_interval', 'meta_lr', 'schedule']
+CONFIGS = [('none', 0.0), ('kd', 1.0), ('kd', 2.0), ('kd', 4.0), ('kd', 8.0), ('mkd', 1.0), ('mkd', 4.0)]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--quick', action='store_true', help='5-minute version (short schedule, one seed, 4 configs)')
+    p.add_argument('--report', action='store_true', help='only write tables and the PNG from the CSV')
+    p.add_argument('--tune', action='store_true', help='report on a validation subset of the train split')
+    p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
+    p.add_argument('--configs', nargs='+', default=None, help='e.g. none:0 kd:1 mkd:4 (default: all 7)')
+    p.add_argument('--steps', type=int, default=600, help='optimizer updates per student run')
+    p.add_argument('--batch-size', type=int, default=64)
+    p.add_argument('--lr', type=float, default=2e-3)
+    p.add_argument('--warmup', type=float, default=0.05, help='warm-up fraction of the steps')
+    p.add_argument('--depth', type=int, default=4)
+    p.add_argument('--dim', type=int, default=64)
+    p.add_argument('--img-size', type=int, default=28)
+    p.add_argument('--teacher', default='resnet10t')
+    p.add_argument('--teacher-epochs', type=int, default=1)
+    p.add_argument('--teacher-steps', type=int, default=160, help='cap on teacher updates (batch 128)')
+    p.add_argument('--teacher-only', action='store_true', help='train / load the cached teacher and stop')
+    p.add_argument('--meta-fraction', type=float, default=0.05)
+    p.add_argument('--meta-batch-size', type=int, default=64)
+    p.add_argument('--meta-interval', type=int, default=None, help="MKD meta interval (default: MKDTask's)")
+    p.add_argument('--meta-lr', type=float, default=None, help="MKD meta lr (default: MKDTask's)")
+    p.add_argument('--threads', type=int, default=1, help='torch threads (1: on a shared 2-core machine, 2 threads oversubscribe and run ~10x slower)')
+    p.add_argument('--csv', default=None, help='output CSV (default results/quality.csv, quality_quick.csv, quality_tune.csv)')
+    p.add_argument('--tag', default='', help='suffix for the CSV / trajectory folder names')
+    args = p.parse_args(argv)
+    if args.quick:
+        args.seeds = args.seeds if '--seeds' in (argv or sys.argv) else [0]
+        args.steps = 120 if '--steps' not in (argv or sys.argv) else args.steps
+        args.teacher_epochs = 1 if '--teacher-epochs' not in (argv or sys.argv) else args.teacher_epochs
+        args.configs = args.configs or ['none:0', 'kd:1', 'kd:4', 'mkd:4']
+    name = 'quality' + ('_quick' if args.quick else '') + ('_tune' if args.tune else '') + args.tag
+    args.csv = args.csv or os.path.join(RESULTS, name + '.csv')
+    args.traj_dir = os.path.join(RESULTS, 'trajectories' + ('_quick' if args.quick else '') + ('_tune' if args.tune else '') + args.tag)
+    args.name = name
+    return args
+
+
+def mkd_defaults():
+    import inspect
+    from timm_mkd import MKDTask
+    sig = inspect.signature(MKDTask.__init__).parameters
+    return sig['meta_interval'].default, sig['meta_lr'].default
+
+
+# ----------------------------------------------------------------------------------- data
+def datasets(args):
+    from timm.data import create_dataset
+    from timm_mkd.meta_data import IndexSubset, split_holdout
+    root = fashion_mnist_root()
+    train_full = create_dataset('torch/fashion_mnist', root=root, split='train', is_training=True)
+    meta_full = create_dataset('torch/fashion_mnist', root=root, split='train', is_training=False)
+    train_set, meta_set = split_holdout(train_full, meta_full, fraction=args.meta_fraction, seed=0)
+    teacher_train = IndexSubset(create_dataset('torch/fashion_mnist', root=root, split='train', is_training=True),
+                                train_set.indices)
+    if args.tune:
+        rng = np.random.RandomState(1234)
+        idx = np.array(train_set.indices)[rng.permutation(len(train_set.indices))]
+        val_idx, train_idx = sorted(idx[:5000].tolist()), sorted(idx[5000:].tolist())
+        eval_set = IndexSubset(create_dataset('torch/fashion_mnist', root=root, split='train', is_training=False), val_idx)
+        train_set = IndexSubset(train_full, train_idx)
+    else:
+        eval_set = create_dataset('torch/fashion_mnist', root=root, split='test', is_training=False)
+    return train_set, meta_set, teacher_train, eval_set
+
+
+# ----------------------------------------------------------------------------------- teacher
+def get_teacher(args, teacher_train, eval_loader):
+    """Train the teacher once (plain aug, no RandAugment / mixup) and cache it."""
+    path = os.path.join(cache_dir('bench'), f'teacher_{args.teacher}_e{args.teacher_epochs}_s{args.teacher_steps}_b128_f{args.meta_fraction}.pth')
+    model = teacher_model(args.teacher)
+    meta = path + '.json'
+    if os.path.isfile(path) and os.path.isfile(meta):
+        model.load_state_dict(torch.load(path, map_location='cpu', weights_only=True))
+        info = json.load(open(meta))
+        print(f'teacher {args.teacher} from cache {path}: top-1 {info["top1"]:.4f}', flush=True)
+        return model.eval(), info
+    torch.manual_seed(1000)
+    np.random.seed(1000)
+    loader = make_loader(teacher_train, 128, training=True, img_size=args.img_size)
+    steps = min(args.teacher_epochs * len(loader), args.teacher_steps)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    t0 = time.time()
+    model.train()
+    step = 0
+    for epoch in range(args.teacher_epochs):
+        for x, y in loader:
+            if step >= steps:
+                break
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            if step % 100 == 0:
+                print(f'teacher step {step}/{steps} loss {loss.item():.3f} ({time.time() - t0:.0f}s)', flush=True)
+    top1 = accuracy(model, eval_loader) if not args.tune else float('nan')
+    info = {'model': args.teacher, 'epochs': args.teacher_epochs, 'steps': steps, 'top1': top1,
+            'train_s': time.time() - t0, 'params_m': sum(p.numel() for p in model.parameters()) / 1e6}
+    torch.save(model.state_dict(), path)
+    json.dump(info, open(meta, 'w'))
+    print(f'teacher {args.teacher}: top-1 {top1:.4f} after {steps} steps ({info["train_s"]:.0f}s), cached at {path}', flush=True)
+    return model.eval(), info
+
+
+# ----------------------------------------------------------------------------------- student
+def run_student(args, method, tau, seed, teacher, train_set, meta_set, eval_loader):
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+    from timm.optim import create_optimizer_v2
+    from timm.task import LogitDistillationTask
+    from timm_mkd import MKDTask
+    from timm_mkd.meta_data import build_meta_loader
+    from timm_mkd.meta_log import TemperatureLog
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    import random
+    random.seed(seed)
+    student = vit_student(img_size=args.img_size, depth=args.depth, dim=args.dim, heads=max(1, args.dim // 32))
+    criterion = SoftTargetCrossEntropy()
+    optimizer = create_optimizer_v2(student, opt='adamw', lr=args.lr, weight_decay=0.05)
+    warm = max(1, int(args.warmup * args.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (
+        1 + math.cos(math.pi * min(1.0, max(0, s - warm) / max(1, args.steps - warm)))))
+    task = None
+    log = None
+    if method == 'kd':
+        task = LogitDistillationTask(student, teacher, criterion=criterion, temperature=tau, verbose=False)
+    elif method == 'mkd':
+        kw = {}
+        if args.meta_interval is not None:
+            kw['meta_interval'] = args.meta_interval
+        if args.meta_lr is not None:
+            kw['meta_lr'] = args.meta_lr
+        task = MKDTask(student, teacher, criterion=criterion, tau_t=tau, tau_s=tau, student_mean=MEAN,
+                       student_std=STD, verbose=False, **kw)
+        meta_batches = build_meta_loader(meta_set, input_size=(1, args.img_size, args.img_size),
+                                         batch_size=args.meta_batch_size, mean=MEAN, std=STD, crop_pct=1.0,
+                                         seed=seed)
+        task.attach(optimizer, meta_batches)
+        os.makedirs(args.traj_dir, exist_ok=True)
+        tpath = os.path.join(args.traj_dir, f'mkd_tau{tau:g}_N{task.meta_interval}_lr{task.meta_optimizer.param_groups[0]["lr"]:g}_seed{seed}.csv')
+        if os.path.exists(tpath):
+            os.remove(tpath)
+        log = TemperatureLog(tpath)
+        log.record({'step': 0, 'tau_t': tau, 'tau_s': tau})
+        task.add_meta_callback(log.record)
+    if task is not None:
+        task.train()
+    student.train()
+    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=10)
+    torch.manual_seed(seed)  # the loader's base seed (augmentation, order): identical across methods
+    loader = make_loader(train_set, args.batch_size, training=True, img_size=args.img_size, aa='rand-m9-mstd0.5')
+    t0 = time.time()
+    step = 0
+    losses = []
+    while step < args.steps:
+        for x, y in loader:
+            if step >= args.steps:
+                break
+            x, y = mixup(x, y)
+            if task is None:
+                loss = criterion(student(x), y)
+            else:
+                loss = task(x, y)['loss']
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sched.step()
+            step += 1
+            losses.append(loss.item())
+            if step % 100 == 0:
+                extra = ''
+                if method == 'mkd':
+                    extra = ' tau_t %.3f tau_s %.3f' % task.temperatures()
+                print(f'  [{method} tau {tau:g} seed {seed}] step {step}/{args.steps} loss '
+                      f'{sum(losses[-100:]) / len(losses[-100:]):.3f}{extra} ({time.time() - t0:.0f}s)', flush=True)
+    train_s = time.time() - t0
+    top1 = accuracy(student, eval_loader)
+    row = dict(method=method, tau=tau, seed=seed, top1=round(100 * top1, 2), steps=step, batch_size=args.batch_size,
+               wall_s=round(train_s, 1), eval_split='val' if args.tune else 'test', schedule=schedule_sig(args),
+               tau_t_final='', tau_s_final='', meta_steps='', meta_skipped='', meta_interval='', meta_lr='')
+    if method == 'mkd':
+        tt, ts = task.temperatures()
+        row.update(tau_t_final=round(tt, 4), tau_s_final=round(ts, 4), meta_steps=task.meta_steps,
+                   meta_skipped=task.meta_skipped, meta_interval=task.meta_interval,
+                   meta_lr=task.meta_optimizer.param_groups[0]['lr'])
+        task.detach()
+        log.close()
+    elif method == 'kd':
+        row.update(tau_t_final=tau, tau_s_final=tau)
+    return row
+
+
+def schedule_sig(args):
+    return (f'vit-d{args.depth}-w{args.dim}-{args.img_size}px/{args.steps}x{args.batch_size}/lr{args.lr:g}'
+            f'/{args.teacher}-s{args.teacher_steps}')
+
+
+def read_rows(path):
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def append_row(path, row):
+    new = not os.path.isfile(path)
+    with open(path, 'a', newline='') as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            w.writeheader()
+        w.writerow({k: row.get(k, '') for k in FIELDS})
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ----------------------------------------------------------------------------------- report
+def _ms(values):
+    if not values:
+        return 'n/a'
+    m = statistics.mean(values)
+    s = statistics.stdev(values) if len(values) > 1 else float('nan')
+    return f'{m:.2f} ± {s:.2f}' if len(values) > 1 else f'{m:.2f}'
+
+
+def report(args):
+    rows = [r for r in read_rows(args.csv) if r['schedule'] == schedule_sig(args)]
+    if not rows:
+        print(f'no rows in {args.csv}')
+        return ''
+    order = {c: i for i, c in enumerate(CONFIGS)}
+    groups = {}
+    for r in rows:
+        key = (r['method'], float(r['tau']))
+        if r['method'] == 'mkd':
+            key += (f"N={r['meta_interval']}, lr={float(r['meta_lr']):g}",)
+        groups.setdefault(key, []).append(r)
+    keys = sorted(groups, key=lambda k: (order.get(k[:2], 99), k))
+    lines = [f'Schedule: `{rows[0]["schedule"]}`, top-1 on the {rows[0]["eval_split"]} split (%).', '',
+             '| method | tau (fixed / initial) | n | top-1 mean ± std | per seed | final tau_t | final tau_s | wall s / run |',
+             '|---|---|---|---|---|---|---|---|']
+    by_seed = {}
+    for k in keys:
+        g = sorted(groups[k], key=lambda r: int(r['seed']))
+        top = [float(r['top1']) for r in g]
+        for r in g:
+            by_seed.setdefault(int(r['seed']), {})[k] = float(r['top1'])
+        tt = [float(r['tau_t_final']) for r in g if r['tau_t_final'] not in ('', None)]
+        ts = [float(r['tau_s_final']) for r in g if r['tau_s_final'] not in ('', None)]
+        ws = [float(r['wall_s']) for r in g]
+        lines.append(f'| {k[0]}{" (" + k[2] + ")" if len(k) > 2 else ""} | {"-" if k[0] == "none" else f"{k[1]:g}"} | {len(g)} | {_ms(top)} | '
+                     f'{", ".join(f"{t:.2f}" for t in top)} | {_ms(tt) if k[0] == "mkd" else "-"} | '
+                     f'{_ms(ts) if k[0] == "mkd" else "-"} | {statistics.mean(ws):.0f} |')
+    # Paired differences: each configuration minus kd tau 4 at the same seed.
+    ref = ('kd', 4.0)
+    if any(ref in d for d in by_seed.values()):
+        lines += ['', f'Paired difference to timm\'s default (kd, tau 4) at the same seed (points):', '',
+                  '| method | tau | n | mean ± std |', '|---|---|---|---|']
+        for k in keys:
+            if k == ref:
+                continue
+            d = [v[k] - v[ref] for v in by_seed.values() if k in v and ref in v]
+            if d:
+                lines.append(f'| {k[0]}{" (" + k[2] + ")" if len(k) > 2 else ""} | {"-" if k[0] == "none" else f"{k[1]:g}"} | {len(d)} | {_ms(d)} |')
+    text = '\n'.join(lines) + '\n'
+    md = os.path.splitext(args.csv)[0] + '.md'
+    with open(md, 'w') as f:
+        f.write(text)
+    print(text)
+    # Trajectory plot.
+    if os.path.isdir(args.traj_dir):
+        from timm_mkd.plot import plot_trajectories
+        paths = {}
+        for name in sorted(os.listdir(args.traj_dir)):
+            if name.endswith('.csv'):
+                paths[name[:-4].replace('_', ' ')] = os.path.join(args.traj_dir, name)
+        if paths:
+            png = os.path.join(RESULTS, os.path.basename(args.traj_dir).replace('trajectories', 'temperatures') + '.png')
+            plot_trajectories(paths, png, title='MKD temperatures (tau_t solid, tau_s dashed)')
+            print(f'wrote {png}')
+    return text
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    os.makedirs(RESULTS, exist_ok=True)
+    if args.report:
+        report(args)
+        return 0
+    configs = CONFIGS
+    if args.configs:
+        configs = [(c.split(':')[0], float(c.split(':')[1])) for c in args.configs]
+    interval, lr = mkd_defaults()
+    print(f'quality study -> {args.csv}; configs {configs}, seeds {args.seeds}, {args.steps} steps x {args.batch_size}; '
+          f'MKD meta interval {args.meta_interval or interval}, meta lr {args.meta_lr or lr}', flush=True)
+    train_set, meta_set, teacher_train, eval_set = datasets(args)
+    eval_loader = make_loader(eval_set, 500, training=False, img_size=args.img_size)
+    teacher, tinfo = get_teacher(args, teacher_train, make_loader(
+        datasets(argparse.Namespace(**{**vars(args), 'tune': False}))[3], 500, training=False, img_size=args.img_size)
+        if args.tune else eval_loader)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    if args.teacher_only:
+        return 0
+    sig = schedule_sig(args)
+    mi = str(args.meta_interval or interval)
+    ml = str(float(args.meta_lr or lr))
+    done = {(r['method'], float(r['tau']), int(r['seed'])) for r in read_rows(args.csv) if r['schedule'] == sig
+            and (r['method'] != 'mkd' or (r['meta_interval'] == mi and str(float(r['meta_lr'])) == ml))}
+    t_start = time.time()
+    # Seed-major order: a partial study has complete seeds of every configuration.
+    for seed in args.seeds:
+        for method, tau in configs:
+            if (method, tau, seed) in done:
+                print(f'skip {method} tau {tau:g} seed {seed} (in {args.csv})', flush=True)
+                continue
+            row = run_student(args, method, tau, seed, teacher, train_set, meta_set, eval_loader)
+            append_row(args.csv, row)
+            print(f'DONE {method} tau {tau:g} seed {seed}: top-1 {row["top1"]:.2f} tau_t {row["tau_t_final"]} '
+                  f'tau_s {row["tau_s_final"]} ({row["wall_s"]:.0f}s; total {time.time() - t_start:.0f}s)', flush=True)
+    report(args)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
