@@ -29,7 +29,7 @@ fi
 export TIMM_TRAIN_PY="$TRAIN_PY"
 OUT=output/quickstart
 COMMON=(--dataset torch/fashion_mnist --data-dir "$ROOT" --train-split train --val-split test
-        --device cpu --in-chans 1 --input-size 1 32 32 --num-classes 10 --workers 2
+        --device cpu --in-chans 1 --input-size 1 32 32 --mean 0.2860 --std 0.3530 --num-classes 10 --workers 2
         --batch-size 128 --epochs 1 --warmup-epochs 0 --opt adamw --lr 2e-3 --weight-decay 0.05
         --output "$OUT" --log-interval 50)
 

@@ -128,3 +128,20 @@ def test_import_refuses_old_timm_in_real_interpreter():
     proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
     assert proc.returncode != 0
     assert 'timm 1.0.20 is installed' in proc.stderr and 'timm>=1.0.27' in proc.stderr
+
+
+def test_teacher_uses_the_normalisation_it_was_trained_with(tmp_path):
+    """A train.py checkpoint records --mean/--std in its args; the teacher re-normalises to those."""
+    path = tmp_path / 'teacher.pth.tar'
+    torch.save({'state_dict': _teacher().state_dict(),
+                'args': argparse.Namespace(model='test_resnet', mean=(0.2860,), std=(0.3530,))}, path)
+    task = MKDTask(_student(), 'test_resnet', teacher_pretrained_path=str(path),
+                   student_mean=(0.2860,), student_std=(0.3530,), verbose=False)
+    assert task.teacher.mean_kd.flatten().tolist() == pytest.approx([0.2860])
+    x, _ = fmnist_batches(2)
+    assert torch.equal(task.teacher.normalize_input(x, task.student_mean, task.student_std), x)  # same stats
+    # without recorded stats: the architecture's pretrained_cfg, reduced to one channel
+    plain = tmp_path / 'plain.pth.tar'
+    torch.save({'state_dict': _teacher().state_dict()}, plain)
+    task = MKDTask(_student(), 'test_resnet', teacher_pretrained_path=str(plain), verbose=False)
+    assert task.teacher.mean_kd.numel() == 1

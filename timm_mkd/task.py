@@ -157,6 +157,8 @@ class MKDTask(TrainingTask):
         from torch.nn.parallel import DistributedDataParallel as DDP
         for p in self.teacher.parameters():
             p.requires_grad = False
+        if device_ids and all(not isinstance(d, int) and torch.device(d).type == 'cpu' for d in device_ids):
+            device_ids = None  # DDP refuses device_ids for CPU modules (gloo); train.py passes [cpu]
         self.trainable_module = DDP(self.trainable_module, device_ids=device_ids, **ddp_kwargs)
         return self
 

@@ -11,7 +11,7 @@ another class count or architecture, and a channel count that differs from the s
 import argparse
 import logging
 import os
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -63,6 +63,27 @@ def load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). It is corrupt, truncated, or pickles "
             f"objects other than tensors. Fix: point to a complete timm checkpoint or a .safetensors file.") from e
     return clean_state_dict(_extract_state_dict(checkpoint, path))
+
+
+def training_normalization(path: str) -> Optional[Tuple[Sequence[float], Sequence[float]]]:
+    """The ``--mean``/``--std`` a timm train.py checkpoint was trained with, if it records them.
+
+    train.py saves its argparse namespace under ``args``; when the user overrode the
+    normalisation (``--mean``/``--std``), that, not the architecture's ``pretrained_cfg``, is what
+    the teacher saw during training, and what it must see again when it teaches.
+    """
+    if path.endswith('.safetensors') or not os.path.isfile(path):
+        return None
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception:
+        return None
+    args = checkpoint.get('args') if isinstance(checkpoint, dict) else None
+    mean, std = getattr(args, 'mean', None), getattr(args, 'std', None)
+    if mean is None or std is None:
+        return None
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
 def _extract_state_dict(checkpoint, path: str) -> Dict[str, torch.Tensor]:
@@ -155,6 +176,9 @@ def build_teacher(
             model.to(device=device, dtype=dtype)
             _logger.info(f"Loaded KD teacher '{teacher}' from '{checkpoint_path}'")
             wrapped = DistillationTeacher(model, device=device, dtype=dtype)
+            trained_with = training_normalization(checkpoint_path)
+            if trained_with is not None:
+                _set_normalization(wrapped, *trained_with, in_chans)
         else:
             try:
                 wrapped = DistillationTeacher(
@@ -204,6 +228,11 @@ def _fix_teacher_normalization(teacher: DistillationTeacher, in_chans: int, stud
         return
     if not mean and student_mean is not None:
         mean, std = list(student_mean), list(student_std)
+    _set_normalization(teacher, mean, std, in_chans)
+
+
+def _set_normalization(teacher: DistillationTeacher, mean, std, in_chans: int) -> None:
+    """Replace the teacher's mean/std buffers, reduced to ``in_chans`` values as timm's loaders do."""
     mean, std = adapt_to_chs(tuple(mean), in_chans), adapt_to_chs(tuple(std), in_chans)
     like = teacher.mean_kd
     teacher.mean_kd = torch.tensor(mean, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
