@@ -191,3 +191,38 @@ def test_training_stream_meta_source_with_soft_targets():
         opt.step()
     assert task.meta_steps == 2 and task.meta_skipped == 0
     assert task.temperatures() != (4.0, 4.0)
+
+
+class _FlakyTeacher(torch.nn.Module):
+    """A real teacher whose logits overflow (inf/NaN) on some rows, as an fp16 teacher can."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = SmallCNN(width=16, drop=0.0)
+        self.num_classes, self.in_chans = 10, 1
+
+    def forward(self, x):
+        out = self.net(x)
+        out = out.clone()
+        out[0] = float('nan')
+        out[3, 2] = float('inf')
+        return out
+
+
+def test_non_finite_teacher_logits_never_reach_temperatures_or_student():
+    torch.manual_seed(0)
+    student = SmallCNN(drop=0.1)
+    task = MKDTask(student, _FlakyTeacher(), meta_interval=1, meta_lr=0.1, verbose=False)
+    opt = torch.optim.SGD(student.parameters(), lr=0.05)
+    task.attach(opt, [fmnist_batches(16, offset=6000)])
+    for i in range(3):
+        x, y = fmnist_batches(16, offset=16 * i)
+        out = task(x, y)
+        assert torch.isfinite(out['loss'])
+        opt.zero_grad()
+        out['loss'].backward()
+        opt.step()
+    assert task.meta_skipped == 0 and task.meta_steps == 3
+    assert all(torch.isfinite(p).all() for p in student.parameters())
+    tau_t, tau_s = task.temperatures()
+    assert (tau_t, tau_s) != (4.0, 4.0) and all(0.5 <= t <= 20.0 for t in (tau_t, tau_s))
