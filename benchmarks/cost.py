@@ -316,7 +316,8 @@ def worker(args):
         for c in configs:
             r = {'step_s': statistics.median(wall[c]), 'window_means_s': wall[c],
                  'cpu_step_s': statistics.median(cpu[c]), 'cpu_window_means_s': cpu[c],
-                 'plain_step_median_s': statistics.median([t for t, m in zip(single[c], meta_flags[c]) if not m])}
+                 'plain_step_median_s': statistics.median(
+                     [t for t, m in zip(single[c], meta_flags[c]) if not m] or [float('nan')])}  # N=1: none
             if c in timers:
                 kind, _, n = c.partition(':')
                 r['meta_steps'] = runs[c][0].meta_steps
@@ -449,12 +450,14 @@ def main(argv=None):
             'mem_ratio_vs_kd': round(m['mem_above_base_mib'] / kd_m, 4) if kd_m > 0 else '',
             'mem_peak_raw_mib': round(m['mem_peak_mib'], 1),
             'mem_raw_ratio_vs_kd': round(m['mem_peak_mib'] / kd_raw, 4),
-            'plain_step_ms_median': round(1000 * med(c, 'plain_step_median_s'), 2),
+            'plain_step_ms_median': round(1000 * med(c, 'plain_step_median_s'), 2)
+            if med(c, 'plain_step_median_s') == med(c, 'plain_step_median_s') else '',
         }
         if c.startswith('mkd'):
             for k in ('snapshot', 'meta_step', 'fd_forwards', 'buffer_copies'):
                 row[f'{k}_ms_per_call'] = round(1000 * med(c, f'{k}_s_per_call'), 2)
-            row['forward_overhead_ms'] = round(1000 * (med(c, 'plain_step_median_s') - med('kd', 'plain_step_median_s')), 2)
+            over = med(c, 'plain_step_median_s') - med('kd', 'plain_step_median_s')
+            row['forward_overhead_ms'] = round(1000 * over, 2) if over == over else '-'  # N=1 has no plain step
         rows.append(row)
     if oracle is not None:
         rows.append({'device': args.device, 'amp': args.amp, 'student': args.student, 'teacher': args.teacher,

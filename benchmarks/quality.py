@@ -47,7 +47,7 @@ from common import (MEAN, STD, accuracy, cache_dir, fashion_mnist_root, make_loa
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, 'results')
 FIELDS = ['method', 'tau', 'seed', 'top1', 'tau_t_final', 'tau_s_final', 'meta_steps', 'meta_skipped', 'steps',
-          'batch_size', 'wall_s', 'eval_split', 'meta_interval', 'meta_lr', 'schedule']
+          'batch_size', 'wall_s', 'eval_split', 'meta_interval', 'meta_lr', 'schedule', 'variant']
 CONFIGS = [('none', 0.0), ('kd', 1.0), ('kd', 2.0), ('kd', 4.0), ('kd', 8.0), ('mkd', 1.0), ('mkd', 4.0)]
 
 
@@ -58,7 +58,7 @@ def parse_args(argv=None):
     p.add_argument('--tune', action='store_true', help='report on a validation subset of the train split')
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     p.add_argument('--configs', nargs='+', default=None, help='e.g. none:0 kd:1 mkd:4 (default: all 7)')
-    p.add_argument('--steps', type=int, default=600, help='optimizer updates per student run')
+    p.add_argument('--steps', type=int, default=1000, help='optimizer updates per student run')
     p.add_argument('--batch-size', type=int, default=64)
     p.add_argument('--lr', type=float, default=2e-3)
     p.add_argument('--warmup', type=float, default=0.05, help='warm-up fraction of the steps')
@@ -73,6 +73,7 @@ def parse_args(argv=None):
     p.add_argument('--meta-batch-size', type=int, default=64)
     p.add_argument('--meta-interval', type=int, default=None, help="MKD meta interval (default: MKDTask's)")
     p.add_argument('--meta-lr', type=float, default=None, help="MKD meta lr (default: MKDTask's)")
+    p.add_argument('--fixed-tau-s', action='store_true', help='MKD learns tau_t only (tau_s stays at its initial value)')
     p.add_argument('--threads', type=int, default=1, help='torch threads (1: on a shared 2-core machine, 2 threads oversubscribe and run ~10x slower)')
     p.add_argument('--csv', default=None, help='output CSV (default results/quality.csv, quality_quick.csv, quality_tune.csv)')
     p.add_argument('--tag', default='', help='suffix for the CSV / trajectory folder names')
@@ -188,6 +189,8 @@ def run_student(args, method, tau, seed, teacher, train_set, meta_set, eval_load
             kw['meta_interval'] = args.meta_interval
         if args.meta_lr is not None:
             kw['meta_lr'] = args.meta_lr
+        if args.fixed_tau_s:
+            kw['learn_tau_s'] = False
         task = MKDTask(student, teacher, criterion=criterion, tau_t=tau, tau_s=tau, student_mean=MEAN,
                        student_std=STD, verbose=False, **kw)
         meta_batches = build_meta_loader(meta_set, input_size=(1, args.img_size, args.img_size),
@@ -195,7 +198,8 @@ def run_student(args, method, tau, seed, teacher, train_set, meta_set, eval_load
                                          seed=seed)
         task.attach(optimizer, meta_batches)
         os.makedirs(args.traj_dir, exist_ok=True)
-        tpath = os.path.join(args.traj_dir, f'mkd_tau{tau:g}_N{task.meta_interval}_lr{task.meta_optimizer.param_groups[0]["lr"]:g}_seed{seed}.csv')
+        tpath = os.path.join(args.traj_dir, f'mkd_tau{tau:g}_N{task.meta_interval}_lr{task.meta_optimizer.param_groups[0]["lr"]:g}'
+                                            f'{"_fixed-tau-s" if args.fixed_tau_s else ""}_seed{seed}.csv')
         if os.path.exists(tpath):
             os.remove(tpath)
         log = TemperatureLog(tpath)
@@ -235,7 +239,8 @@ def run_student(args, method, tau, seed, teacher, train_set, meta_set, eval_load
     top1 = accuracy(student, eval_loader)
     row = dict(method=method, tau=tau, seed=seed, top1=round(100 * top1, 2), steps=step, batch_size=args.batch_size,
                wall_s=round(train_s, 1), eval_split='val' if args.tune else 'test', schedule=schedule_sig(args),
-               tau_t_final='', tau_s_final='', meta_steps='', meta_skipped='', meta_interval='', meta_lr='')
+               tau_t_final='', tau_s_final='', meta_steps='', meta_skipped='', meta_interval='', meta_lr='',
+               variant='fixed-tau-s' if (method == 'mkd' and args.fixed_tau_s) else '')
     if method == 'mkd':
         tt, ts = task.temperatures()
         row.update(tau_t_final=round(tt, 4), tau_s_final=round(ts, 4), meta_steps=task.meta_steps,
@@ -290,7 +295,7 @@ def report(args):
     for r in rows:
         key = (r['method'], float(r['tau']))
         if r['method'] == 'mkd':
-            key += (f"N={r['meta_interval']}, lr={float(r['meta_lr']):g}",)
+            key += (f"N={r['meta_interval']}, lr={float(r['meta_lr']):g}" + (f", {r['variant']}" if r.get('variant') else ''),)
         groups.setdefault(key, []).append(r)
     keys = sorted(groups, key=lambda k: (order.get(k[:2], 99), k))
     lines = [f'Schedule: `{rows[0]["schedule"]}`, top-1 on the {rows[0]["eval_split"]} split (%).', '',
@@ -364,7 +369,8 @@ def main(argv=None):
     mi = str(args.meta_interval or interval)
     ml = str(float(args.meta_lr or lr))
     done = {(r['method'], float(r['tau']), int(r['seed'])) for r in read_rows(args.csv) if r['schedule'] == sig
-            and (r['method'] != 'mkd' or (r['meta_interval'] == mi and str(float(r['meta_lr'])) == ml))}
+            and (r['method'] != 'mkd' or (r['meta_interval'] == mi and str(float(r['meta_lr'])) == ml
+                                          and (r.get('variant') or '') == ('fixed-tau-s' if args.fixed_tau_s else '')))}
     t_start = time.time()
     # Seed-major order: a partial study has complete seeds of every configuration.
     for seed in args.seeds:
