@@ -38,18 +38,20 @@ def _one_update(task, opt, x, y):
     return theta
 
 
-@pytest.mark.parametrize('opt_name', ['sgd', 'momentum', 'adamw'])
-def test_finite_difference_matches_exact_oracle(opt_name):
+@pytest.mark.parametrize('opt_name, kd_scale', [('sgd', 'student'), ('momentum', 'student'), ('adamw', 'student'),
+                                                ('sgd', 'product')])
+def test_finite_difference_matches_exact_oracle(opt_name, kd_scale):
     task, opt, (x, y), (xm, ym) = _setup(opt_name)
+    task.kd_scale = kd_scale
     theta = _one_update(task, opt, x, y)
     student, batch = task.trainable_module, task._last_batch
     log_taus = (task.tau.log_tau_t, task.tau.log_tau_s)
     oracle = exact_hypergradient(student, opt, theta, batch, task.criterion, task.task_loss_weight,
-                                 xm, ym, log_taus, task.distill_loss_weight)
+                                 xm, ym, log_taus, task.distill_loss_weight, kd_scale=kd_scale)
     fd = finite_difference_hypergradient(student, opt, theta, batch, xm, ym, log_taus,
-                                         task.distill_loss_weight, fd_eps=1e-2)
+                                         task.distill_loss_weight, fd_eps=1e-2, kd_scale=kd_scale)
     rel = (fd.grad - oracle).norm() / oracle.norm()
-    print(f'{opt_name}: oracle={oracle.tolist()} fd={fd.grad.tolist()} rel_err={rel:.2e}')
+    print(f'{opt_name}/{kd_scale}: oracle={oracle.tolist()} fd={fd.grad.tolist()} rel_err={rel:.2e}')
     assert oracle.norm() > 0
     assert rel < 1e-2
 

@@ -28,11 +28,15 @@ import torch
 import torch.nn.functional as F
 
 
+KD_SCALES = ('student', 'product')
+
+
 def two_temperature_kd_loss(
         student_logits: torch.Tensor,
         teacher_logits: torch.Tensor,
         tau_t: torch.Tensor,
         tau_s: torch.Tensor,
+        scale: str = 'student',
 ) -> torch.Tensor:
     """KL(softmax(z_t / tau_t) || softmax(z_s / tau_s)) * tau_s^2, batch-mean.
 
@@ -44,6 +48,10 @@ def two_temperature_kd_loss(
         teacher_logits: ``[B, C]`` teacher logits (no gradient needed).
         tau_t: teacher temperature, a positive 0-dim tensor (may require grad).
         tau_s: student temperature, a positive 0-dim tensor (may require grad).
+        scale: ``'student'`` multiplies by ``tau_s^2`` (default, see module docstring); ``'product'``
+            by ``tau_t * tau_s``, which makes the student-logit gradient independent of *both*
+            temperatures while the student is still near-uniform (``tau_t (p_s - p_t) ~ -(z_t - mean)/C``),
+            so early in training no temperature acts as a KD step size for the one-step meta objective.
 
     Returns:
         0-dim float32 loss tensor.
@@ -60,7 +68,11 @@ def two_temperature_kd_loss(
     log_p_t = F.log_softmax(teacher_logits / tau_t, dim=-1)
     kl_rows = F.kl_div(log_p_s, log_p_t, reduction='none', log_target=True).sum(-1, keepdim=True)
     kl = torch.where(finite, kl_rows, torch.zeros_like(kl_rows)).sum() / student_logits.shape[0]
-    return kl * tau_s * tau_s
+    if scale == 'student':
+        return kl * tau_s * tau_s
+    if scale == 'product':
+        return kl * tau_t * tau_s
+    raise ValueError(f"unknown KD scale '{scale}'; use one of {KD_SCALES}")
 
 
 def meta_loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

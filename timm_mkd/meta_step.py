@@ -125,6 +125,7 @@ def _kd_tau_grad(
         batch: TrainBatch,
         log_taus: Tuple[torch.Tensor, torch.Tensor],
         kd_weight: float,
+        kd_scale: str = 'student',
 ) -> torch.Tensor:
     """grad of ``kd_weight * KD`` w.r.t. (log tau_t, log tau_s) at student parameters ``params``; forward only."""
     device = batch.input.device
@@ -133,7 +134,7 @@ def _kd_tau_grad(
     with torch.enable_grad():
         dtype = torch.promote_types(logits.dtype, torch.float32)
         taus = [lt.detach().to(dtype).requires_grad_(True) for lt in log_taus]
-        kd = kd_weight * two_temperature_kd_loss(logits, batch.teacher_logits, taus[0].exp(), taus[1].exp())
+        kd = kd_weight * two_temperature_kd_loss(logits, batch.teacher_logits, taus[0].exp(), taus[1].exp(), kd_scale)
         grads = torch.autograd.grad(kd, taus)
     return torch.stack(grads)
 
@@ -163,6 +164,7 @@ def finite_difference_hypergradient(
         kd_weight: float,
         fd_eps: float = 1e-2,
         meta_autocast: Optional[Callable] = None,
+        kd_scale: str = 'student',
 ) -> HyperGradient:
     """The MKD hypergradient by a central finite difference along ``w = J v``.
 
@@ -180,6 +182,7 @@ def finite_difference_hypergradient(
         kd_weight: weight of the KD term in the training loss.
         fd_eps: finite-difference step relative to ``|w|``.
         meta_autocast: optional autocast context factory for the meta-batch forward/backward.
+        kd_scale: the KD loss's temperature scale (``two_temperature_kd_loss``).
 
     Returns:
         ``HyperGradient``.
@@ -212,8 +215,8 @@ def finite_difference_hypergradient(
     def perturbed(sign: float) -> Dict[str, torch.Tensor]:
         return {n: (theta[n].to(w_i.dtype) + (sign * eps) * w_i).to(theta[n].dtype) for n, w_i in zip(names, w)}
 
-    grad_plus = _kd_tau_grad(student, perturbed(+1.0), batch, log_taus, kd_weight)
-    grad_minus = _kd_tau_grad(student, perturbed(-1.0), batch, log_taus, kd_weight)
+    grad_plus = _kd_tau_grad(student, perturbed(+1.0), batch, log_taus, kd_weight, kd_scale)
+    grad_minus = _kd_tau_grad(student, perturbed(-1.0), batch, log_taus, kd_weight, kd_scale)
     grad = -(grad_plus - grad_minus) / (2.0 * eps)
     return HyperGradient(grad=grad, meta_loss=float(meta_loss.detach()), epsilon=eps)
 
@@ -229,6 +232,7 @@ def exact_hypergradient(
         meta_target: torch.Tensor,
         log_taus: Tuple[torch.Tensor, torch.Tensor],
         kd_weight: float,
+        kd_scale: str = 'student',
 ) -> torch.Tensor:
     """Oracle: the same hypergradient by double backward (no finite difference).
 
@@ -247,7 +251,7 @@ def exact_hypergradient(
     with replay_rng(batch.rng_state, batch.input.device):
         logits = functional_call(student, {**params, **_buffer_copies(student)}, (batch.input,))
     train_loss = task_weight * criterion(logits, batch.target) + kd_weight * two_temperature_kd_loss(
-        logits, batch.teacher_logits, taus[0].exp(), taus[1].exp())
+        logits, batch.teacher_logits, taus[0].exp(), taus[1].exp(), kd_scale)
     g = torch.autograd.grad(train_loss, list(params.values()), create_graph=True)
     lookahead = {}
     for (n, p, group), g_i in zip(named, g):

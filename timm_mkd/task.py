@@ -11,7 +11,7 @@ from timm.data.loader import adapt_to_chs
 from timm.task import DistillationTeacher, TrainingTask
 from timm.utils import unwrap_model
 
-from .loss import two_temperature_kd_loss
+from .loss import KD_SCALES, two_temperature_kd_loss
 from .meta_step import TrainBatch, capture_rng_state, finite_difference_hypergradient, optimizer_params
 from .teacher import build_teacher
 from .temperature import Temperatures
@@ -64,6 +64,8 @@ class MKDTask(TrainingTask):
         meta_lr: learning rate of the meta optimizer on the log-temperatures.
         meta_optimizer: ``'adam'`` (default; scale-free steps in log-tau) or ``'sgd'``.
         fd_eps: finite-difference step, relative to the norm of the look-ahead direction.
+        kd_scale: ``'student'`` (``tau_s^2``, equals timm's ``T^2`` at equal temperatures) or ``'product'``
+            (``tau_t * tau_s``); see ``timm_mkd.loss.two_temperature_kd_loss``.
         student_mean: normalisation mean the student's loader applies (default: the student's pretrained_cfg).
         student_std: normalisation std the student's loader applies.
         meta_autocast: optional callable returning an autocast context for the meta-batch forward/backward.
@@ -92,6 +94,7 @@ class MKDTask(TrainingTask):
             meta_lr: float = 0.02,
             meta_optimizer: str = 'adam',
             fd_eps: float = 1e-2,
+            kd_scale: str = 'student',
             student_mean: Optional[Sequence[float]] = None,
             student_std: Optional[Sequence[float]] = None,
             meta_autocast: Optional[Callable] = None,
@@ -122,6 +125,9 @@ class MKDTask(TrainingTask):
         self.tau = Temperatures(tau_t, tau_s, tau_min, tau_max, learn_tau_t, learn_tau_s, device=self.device)
         self.meta_interval = int(meta_interval)
         self.fd_eps = float(fd_eps)
+        if kd_scale not in KD_SCALES:
+            raise ValueError(f"kd_scale='{kd_scale}' is unknown; use one of {KD_SCALES}.")
+        self.kd_scale = kd_scale
         self.meta_autocast = meta_autocast
         self.meta_optimizer = _make_meta_optimizer(meta_optimizer, self.tau.learnable(), meta_lr)
 
@@ -254,7 +260,7 @@ class MKDTask(TrainingTask):
             teacher_logits = self.teacher(input_kd.detach(), return_features=False)
             tau_t, tau_s = self.tau()  # meta-parameters: the training loss must not move them
 
-        kd_loss = two_temperature_kd_loss(student_logits, teacher_logits, tau_t, tau_s)
+        kd_loss = two_temperature_kd_loss(student_logits, teacher_logits, tau_t, tau_s, self.kd_scale)
         total_loss = self.task_loss_weight * task_loss + self.distill_loss_weight * kd_loss
         if remember:
             self._last_batch = TrainBatch(input.detach(), target, teacher_logits.detach(), rng_state)
@@ -345,7 +351,7 @@ class MKDTask(TrainingTask):
         hyper = finite_difference_hypergradient(
             student, self._optimizer, self._theta, self._last_batch, meta_input, meta_target,
             (self.tau.log_tau_t, self.tau.log_tau_s), self.distill_loss_weight,
-            fd_eps=self.fd_eps, meta_autocast=self.meta_autocast)
+            fd_eps=self.fd_eps, meta_autocast=self.meta_autocast, kd_scale=self.kd_scale)
         stats = torch.cat([hyper.grad.detach().to(torch.float64).reshape(2),
                            torch.tensor([hyper.meta_loss], dtype=torch.float64, device=hyper.grad.device)])
         stats = _average_across_ranks(stats)
