@@ -73,3 +73,19 @@ def test_ema_tracks_student_only():
     task.update_ema(step=1)
     assert task.has_ema() and set(ema.module.state_dict()) == set(task.trainable_module.state_dict())
     assert task.get_task_state(ema=True) == {}
+
+
+def test_to_and_dtype_moves_keep_working():
+    """nn.Module.to()/double() go through Module._apply; the task must not shadow it."""
+    task = _task(meta_interval=1)
+    assert task.to('cpu') is task and task.device == torch.device('cpu')
+    task.double()
+    assert task.tau.log_tau_t.dtype == torch.float64 and next(task.trainable_module.parameters()).dtype == torch.float64
+    task.float()
+    opt = torch.optim.SGD(task.get_trainable_module().parameters(), lr=0.05)
+    task.attach(opt, [fmnist_batches(16, offset=100)])
+    x, y = fmnist_batches(16)
+    opt.zero_grad()
+    task(x, y)['loss'].backward()
+    opt.step()
+    assert task.meta_steps == 1 and task.temperatures() != (4.0, 4.0)

@@ -375,7 +375,7 @@ class MKDTask(TrainingTask):
                 _logger.warning(message)
         else:
             self._consecutive_skips = 0
-            self._apply(grad)
+            self._apply_meta_grad(grad)
             self._epoch_meta_losses.append(meta_loss)
 
         tau_t, tau_s = self.temperatures()
@@ -390,7 +390,7 @@ class MKDTask(TrainingTask):
             fn(dict(self.last_record))
         return self.last_record
 
-    def _apply(self, grad: torch.Tensor) -> None:
+    def _apply_meta_grad(self, grad: torch.Tensor) -> None:
         params = [(self.tau.log_tau_t, grad[0]), (self.tau.log_tau_s, grad[1])]
         for p, g in params:
             if p.requires_grad:
