@@ -1,57 +1,26 @@
 """Shared pieces of the benchmarks: Fashion-MNIST offline, the student / teacher models, loaders.
 
-Fashion-MNIST comes from Debian's ``dataset-fashion-mnist`` package (IDX ``.gz`` files under
-``/usr/share/datasets/fashion-mnist``). torchvision's ``FashionMNIST`` (which timm's
-``create_dataset('torch/fashion_mnist', ...)`` builds) reads the *unpacked* files from
-``ROOT/FashionMNIST/raw/``, so they are unpacked once into ``~/.cache/timm-mkd/fmnist``
-(the same cache the tests use).
+Fashion-MNIST comes from Debian's ``dataset-fashion-mnist`` package, unpacked once by
+``timm_mkd.fashion_mnist`` into ``~/.cache/timm-mkd/fmnist`` (the same cache the tests use).
 """
-import gzip
-import os
-import shutil
-import tempfile
 from typing import Tuple
 
 import timm
 import torch
 import torch.nn as nn
 
-DEBIAN_DIR = '/usr/share/datasets/fashion-mnist'
-FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')
+from timm_mkd.fashion_mnist import cache_dir, fashion_mnist_root as _fashion_mnist_root  # noqa: F401 (cache_dir re-exported)
 
 MEAN, STD = (0.2860,), (0.3530,)  # Fashion-MNIST train-split statistics
 NUM_CLASSES = 10
 
 
-def cache_dir(*parts: str) -> str:
-    base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
-    path = os.path.join(base, 'timm-mkd', *parts)
-    os.makedirs(path, exist_ok=True)
-    return path
-
-
 def fashion_mnist_root() -> str:
-    """A ``root`` for ``create_dataset('torch/fashion_mnist', root=...)``; unpacks Debian's files once."""
-    missing = [f for f in FILES if not os.path.isfile(os.path.join(DEBIAN_DIR, f + '.gz'))]
-    if missing:
-        raise SystemExit(f'Fashion-MNIST not found in {DEBIAN_DIR} (missing {", ".join(missing)}); '
-                         f'install it with: apt-get install dataset-fashion-mnist')
-    root = cache_dir('fmnist')
-    raw = os.path.join(root, 'FashionMNIST', 'raw')
-    os.makedirs(raw, exist_ok=True)
-    for name in FILES:
-        dest = os.path.join(raw, name)
-        if os.path.isfile(dest):
-            continue
-        fd, tmp = tempfile.mkstemp(dir=raw, prefix=name + '.', suffix='.tmp')
-        try:
-            with os.fdopen(fd, 'wb') as out, gzip.open(os.path.join(DEBIAN_DIR, name + '.gz')) as src:
-                shutil.copyfileobj(src, out)
-            os.replace(tmp, dest)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    return root
+    """The unpacked Fashion-MNIST root (``timm_mkd.fashion_mnist``); exits with the apt hint if missing."""
+    try:
+        return _fashion_mnist_root()
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from e
 
 
 def set_norm(model: nn.Module, mean=MEAN, std=STD) -> nn.Module:

@@ -12,7 +12,7 @@ bash scripts/setup_env.sh
 PY=.venv/bin/python
 
 # Fashion-MNIST for torchvision (unpacked IDX files under ROOT/FashionMNIST/raw).
-ROOT=$($PY -c "import sys; sys.path.insert(0, 'tests'); from fmnist import fashion_mnist_root; print(fashion_mnist_root())")
+ROOT=$($PY -m timm_mkd.fashion_mnist)
 
 TRAIN_PY=${TIMM_TRAIN_PY:-}
 if [ -z "$TRAIN_PY" ]; then
