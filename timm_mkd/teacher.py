@@ -28,6 +28,36 @@ _logger = logging.getLogger(__name__)
 _STATE_DICT_KEYS = ('state_dict', 'model', 'state_dict_ema', 'model_ema')
 
 
+def read_checkpoint(path: str):
+    """Read a teacher checkpoint file once, safely: a safetensors dict, or what ``torch.load`` returns.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist (the message names it).
+        ValueError: the file is corrupt or truncated.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"teacher checkpoint not found: '{path}'. Fix: pass an existing file to --teacher-checkpoint "
+            f"(a timm train.py checkpoint such as output/train/RUN/model_best.pth.tar, or a .safetensors file).")
+    if path.endswith('.safetensors'):
+        from safetensors.torch import load_file
+        try:
+            return load_file(path, device='cpu')
+        except Exception as e:  # safetensors raises its own SafetensorError, or OSError
+            raise ValueError(
+                f"teacher checkpoint '{path}' is not a readable safetensors file ({type(e).__name__}: {e}). "
+                f"Fix: re-export it with safetensors.torch.save_file(model.state_dict(), path).") from e
+    try:
+        # timm's train.py stores its argparse Namespace under 'args'; allow exactly that class.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise ValueError(
+            f"teacher checkpoint '{path}' could not be read with torch.load(weights_only=True) "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). It is corrupt, truncated, or pickles "
+            f"objects other than tensors. Fix: point to a complete timm checkpoint or a .safetensors file.") from e
+
+
 def load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
     """Read a model state dict from ``.safetensors``, ``.pth`` or ``.pth.tar`` safely.
 
@@ -41,44 +71,19 @@ def load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
         FileNotFoundError: ``path`` does not exist (the message names it).
         ValueError: the file is corrupt, truncated, or holds no state dict.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"teacher checkpoint not found: '{path}'. Fix: pass an existing file to --teacher-checkpoint "
-            f"(a timm train.py checkpoint such as output/train/RUN/model_best.pth.tar, or a .safetensors file).")
-    if path.endswith('.safetensors'):
-        from safetensors.torch import load_file
-        try:
-            return clean_state_dict(load_file(path, device='cpu'))
-        except Exception as e:  # safetensors raises its own SafetensorError, or OSError
-            raise ValueError(
-                f"teacher checkpoint '{path}' is not a readable safetensors file ({type(e).__name__}: {e}). "
-                f"Fix: re-export it with safetensors.torch.save_file(model.state_dict(), path).") from e
-    try:
-        # timm's train.py stores its argparse Namespace under 'args'; allow exactly that class.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise ValueError(
-            f"teacher checkpoint '{path}' could not be read with torch.load(weights_only=True) "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). It is corrupt, truncated, or pickles "
-            f"objects other than tensors. Fix: point to a complete timm checkpoint or a .safetensors file.") from e
-    return clean_state_dict(_extract_state_dict(checkpoint, path))
+    return clean_state_dict(_extract_state_dict(read_checkpoint(path), path))
 
 
-def training_normalization(path: str) -> Optional[Tuple[Sequence[float], Sequence[float]]]:
+def training_normalization(checkpoint) -> Optional[Tuple[Sequence[float], Sequence[float]]]:
     """The ``--mean``/``--std`` a timm train.py checkpoint was trained with, if it records them.
 
     train.py saves its argparse namespace under ``args``; when the user overrode the
     normalisation (``--mean``/``--std``), that, not the architecture's ``pretrained_cfg``, is what
     the teacher saw during training, and what it must see again when it teaches.
+
+    Args:
+        checkpoint: what ``read_checkpoint`` returned.
     """
-    if path.endswith('.safetensors') or not os.path.isfile(path):
-        return None
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception:
-        return None
     args = checkpoint.get('args') if isinstance(checkpoint, dict) else None
     mean, std = getattr(args, 'mean', None), getattr(args, 'std', None)
     if mean is None or std is None:
@@ -170,13 +175,14 @@ def build_teacher(
         wrapped = teacher
     elif isinstance(teacher, str):
         if checkpoint_path:
-            state_dict = load_state_dict_file(checkpoint_path)
+            checkpoint = read_checkpoint(checkpoint_path)  # read once: weights and recorded normalisation
+            state_dict = clean_state_dict(_extract_state_dict(checkpoint, checkpoint_path))
             model = create_model(teacher, pretrained=False, num_classes=num_classes, in_chans=in_chans)
             load_teacher_weights(model, state_dict, checkpoint_path, num_classes)
             model.to(device=device, dtype=dtype)
             _logger.info(f"Loaded KD teacher '{teacher}' from '{checkpoint_path}'")
             wrapped = DistillationTeacher(model, device=device, dtype=dtype)
-            trained_with = training_normalization(checkpoint_path)
+            trained_with = training_normalization(checkpoint)
             if trained_with is not None:
                 _set_normalization(wrapped, *trained_with, in_chans)
         else:
