@@ -320,8 +320,9 @@ def _cpu_ddp_safe(task):
 
     train.py calls ``task.prepare_distributed(device_ids=[device], ...)`` whatever the device;
     ``DistributedDataParallel`` refuses ``device_ids`` for CPU modules ("device_ids ... only work
-    with ... GPU modules"), so train.py itself cannot run DDP on CPU (gloo). For the tasks we
-    build, a CPU device list becomes None, which is what DDP expects there; GPU runs are unchanged.
+    with ... GPU modules"), so train.py itself cannot run DDP on CPU (gloo). For timm's own tasks
+    built with a local teacher, a CPU device list becomes None, which is what DDP expects there;
+    GPU runs are unchanged. (``MKDTask.prepare_distributed`` does the same itself.)
     """
     original = task.prepare_distributed
 
@@ -379,6 +380,20 @@ class MKDRun:
         return self.args is None or utils.is_primary(self.args)
 
     # ------------------------------------------------------------------ patches
+    @classmethod
+    def install(cls, module, generation: str) -> 'MKDRun':
+        """Apply every patch to the loaded train.py ``module`` (the same set for each generation)."""
+        run = cls(module, generation)
+        run.add_flags()
+        run.patch_parse_args()
+        run.patch_create_dataset()
+        run.patch_task_classes()
+        run.patch_create_optimizer()
+        run.patch_resume()
+        run.patch_train_one_epoch()
+        run.patch_utils()
+        return run
+
     def add_flags(self) -> None:
         """Add the MKD argument group to train.py's ``parser`` (``--help`` and ``-c`` YAML see it)."""
         from timm_mkd.cli import add_mkd_args
@@ -531,7 +546,7 @@ class MKDRun:
                 )
                 self._track_kd_loss(task)
                 self.task = task
-                return _cpu_ddp_safe(task)
+                return task  # MKDTask.prepare_distributed drops CPU device_ids itself
             teacher = teacher_name
             if self.opts.teacher_checkpoint:
                 from timm_mkd import build_teacher

@@ -41,13 +41,4 @@ def host_problems() -> list:
 
 def apply(module) -> MKDRun:
     """Install the MKD patches into the loaded train.py ``module``; returns the run state."""
-    run = MKDRun(module, GENERATION)
-    run.add_flags()
-    run.patch_parse_args()
-    run.patch_create_dataset()
-    run.patch_task_classes()
-    run.patch_create_optimizer()
-    run.patch_resume()
-    run.patch_train_one_epoch()
-    run.patch_utils()
-    return run
+    return MKDRun.install(module, GENERATION)
