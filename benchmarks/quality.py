@@ -28,6 +28,7 @@ Usage:
     python benchmarks/quality.py --report             # tables + trajectory PNG from the CSV only
 """
 import argparse
+import ast
 import csv
 import json
 import math
@@ -74,6 +75,8 @@ def parse_args(argv=None):
     p.add_argument('--meta-interval', type=int, default=None, help="MKD meta interval (default: MKDTask's)")
     p.add_argument('--meta-lr', type=float, default=None, help="MKD meta lr (default: MKDTask's)")
     p.add_argument('--fixed-tau-s', action='store_true', help='MKD learns tau_t only (tau_s stays at its initial value)')
+    p.add_argument('--mkd-kw', nargs='+', default=[], metavar='KEY=VALUE',
+                   help="more MKDTask arguments, e.g. hypergrad_mode=full meta_optimizer=sgd (recorded in 'variant')")
     p.add_argument('--threads', type=int, default=1, help='torch threads (1: on a shared 2-core machine, 2 threads oversubscribe and run ~10x slower)')
     p.add_argument('--csv', default=None, help='output CSV (default results/quality.csv, quality_quick.csv, quality_tune.csv)')
     p.add_argument('--tag', default='', help='suffix for the CSV / trajectory folder names')
@@ -191,6 +194,7 @@ def run_student(args, method, tau, seed, teacher, train_set, meta_set, eval_load
             kw['meta_lr'] = args.meta_lr
         if args.fixed_tau_s:
             kw['learn_tau_s'] = False
+        kw.update(mkd_kwargs(args))
         task = MKDTask(student, teacher, criterion=criterion, tau_t=tau, tau_s=tau, student_mean=MEAN,
                        student_std=STD, verbose=False, **kw)
         meta_batches = build_meta_loader(meta_set, input_size=(1, args.img_size, args.img_size),
@@ -199,7 +203,7 @@ def run_student(args, method, tau, seed, teacher, train_set, meta_set, eval_load
         task.attach(optimizer, meta_batches)
         os.makedirs(args.traj_dir, exist_ok=True)
         tpath = os.path.join(args.traj_dir, f'mkd_tau{tau:g}_N{task.meta_interval}_lr{task.meta_optimizer.param_groups[0]["lr"]:g}'
-                                            f'{"_fixed-tau-s" if args.fixed_tau_s else ""}_seed{seed}.csv')
+                                            f'{variant_name(args, sep="_")}_seed{seed}.csv')
         if os.path.exists(tpath):
             os.remove(tpath)
         log = TemperatureLog(tpath)
@@ -240,7 +244,7 @@ def run_student(args, method, tau, seed, teacher, train_set, meta_set, eval_load
     row = dict(method=method, tau=tau, seed=seed, top1=round(100 * top1, 2), steps=step, batch_size=args.batch_size,
                wall_s=round(train_s, 1), eval_split='val' if args.tune else 'test', schedule=schedule_sig(args),
                tau_t_final='', tau_s_final='', meta_steps='', meta_skipped='', meta_interval='', meta_lr='',
-               variant='fixed-tau-s' if (method == 'mkd' and args.fixed_tau_s) else '')
+               variant=variant_name(args) if method == 'mkd' else '')
     if method == 'mkd':
         tt, ts = task.temperatures()
         row.update(tau_t_final=round(tt, 4), tau_s_final=round(ts, 4), meta_steps=task.meta_steps,
@@ -251,6 +255,31 @@ def run_student(args, method, tau, seed, teacher, train_set, meta_set, eval_load
     elif method == 'kd':
         row.update(tau_t_final=tau, tau_s_final=tau)
     return row
+
+
+def mkd_kwargs(args):
+    """``--mkd-kw`` as MKDTask keyword arguments (numbers parsed, anything else kept as a string)."""
+    out = {}
+    for item in args.mkd_kw:
+        key, sep, value = item.partition('=')
+        if not sep:
+            raise SystemExit(f"--mkd-kw {item!r}: expected KEY=VALUE")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def variant_name(args, sep=', '):
+    """The MKD settings besides interval and lr that differ from MKDTask's defaults, for the CSV and file names."""
+    import inspect
+    from timm_mkd import MKDTask
+    kw = mkd_kwargs(args)
+    # Always named, so rows stay comparable when the library default changes.
+    kw.setdefault('hypergrad_mode', inspect.signature(MKDTask).parameters['hypergrad_mode'].default)
+    parts = (['fixed-tau-s'] if args.fixed_tau_s else []) + [f'{k}={v}' for k, v in sorted(kw.items())]
+    return sep.join(parts) if sep == ', ' else ''.join(sep + x for x in parts)
 
 
 def schedule_sig(args):
@@ -370,7 +399,7 @@ def main(argv=None):
     ml = str(float(args.meta_lr or lr))
     done = {(r['method'], float(r['tau']), int(r['seed'])) for r in read_rows(args.csv) if r['schedule'] == sig
             and (r['method'] != 'mkd' or (r['meta_interval'] == mi and str(float(r['meta_lr'])) == ml
-                                          and (r.get('variant') or '') == ('fixed-tau-s' if args.fixed_tau_s else '')))}
+                                          and (r.get('variant') or '') == variant_name(args)))}
     t_start = time.time()
     # Seed-major order: a partial study has complete seeds of every configuration.
     for seed in args.seeds:

@@ -38,20 +38,21 @@ def _one_update(task, opt, x, y):
     return theta
 
 
-@pytest.mark.parametrize('opt_name, kd_scale', [('sgd', 'student'), ('momentum', 'student'), ('adamw', 'student'),
-                                                ('sgd', 'product')])
-def test_finite_difference_matches_exact_oracle(opt_name, kd_scale):
+@pytest.mark.parametrize('opt_name, kd_scale, mode', [
+    ('sgd', 'student', 'shape'), ('momentum', 'student', 'shape'), ('adamw', 'student', 'shape'),
+    ('sgd', 'product', 'shape'), ('sgd', 'student', 'full'), ('adamw', 'student', 'full')])
+def test_finite_difference_matches_exact_oracle(opt_name, kd_scale, mode):
     task, opt, (x, y), (xm, ym) = _setup(opt_name)
     task.kd_scale = kd_scale
     theta = _one_update(task, opt, x, y)
     student, batch = task.trainable_module, task._last_batch
     log_taus = (task.tau.log_tau_t, task.tau.log_tau_s)
     oracle = exact_hypergradient(student, opt, theta, batch, task.criterion, task.task_loss_weight,
-                                 xm, ym, log_taus, task.distill_loss_weight, kd_scale=kd_scale)
+                                 xm, ym, log_taus, task.distill_loss_weight, kd_scale=kd_scale, mode=mode)
     fd = finite_difference_hypergradient(student, opt, theta, batch, xm, ym, log_taus,
-                                         task.distill_loss_weight, fd_eps=1e-2, kd_scale=kd_scale)
+                                         task.distill_loss_weight, fd_eps=1e-2, kd_scale=kd_scale, mode=mode)
     rel = (fd.grad - oracle).norm() / oracle.norm()
-    print(f'{opt_name}/{kd_scale}: oracle={oracle.tolist()} fd={fd.grad.tolist()} rel_err={rel:.2e}')
+    print(f'{opt_name}/{kd_scale}/{mode}: oracle={oracle.tolist()} fd={fd.grad.tolist()} rel_err={rel:.2e}')
     assert oracle.norm() > 0
     assert rel < 1e-2
 
@@ -90,3 +91,37 @@ def test_meta_step_runs_on_vit_with_fused_attention():
     assert task.meta_steps == 2 and task.meta_skipped == 0
     assert task.temperatures() != start
     assert all(torch.isfinite(torch.tensor([task.last_record['hypergrad_t'], task.last_record['hypergrad_s']])))
+
+
+def test_shape_mode_ignores_how_the_kd_term_is_scaled():
+    """'shape' judges temperatures by the direction of the KD push only. The two KD scale conventions
+    (tau_s^2 and tau_t * tau_s) differ by the factor tau_t / tau_s, a pure change of strength: their 'shape'
+    hypergradients must be the same vector up to that factor (the push's current size), while their 'full'
+    hypergradients point in different directions."""
+    task, opt, (x, y), (xm, ym) = _setup('sgd')  # tau_t = 3, tau_s = 2
+    theta = _one_update(task, opt, x, y)
+    args = (task.trainable_module, opt, theta, task._last_batch, xm, ym,
+            (task.tau.log_tau_t, task.tau.log_tau_s), task.distill_loss_weight)
+    grads = {(scale, mode): finite_difference_hypergradient(*args, kd_scale=scale, mode=mode).grad
+             for scale in ('student', 'product') for mode in ('shape', 'full')}
+    print({k: v.tolist() for k, v in grads.items()})
+    shape_gap = (grads['product', 'shape'] - 1.5 * grads['student', 'shape']).norm() / grads['product', 'shape'].norm()
+    full_cos = torch.nn.functional.cosine_similarity(grads['student', 'full'], grads['product', 'full'], dim=0)
+    assert shape_gap < 1e-3
+    assert full_cos < 0.9
+
+
+def test_shape_mode_keeps_the_training_step():
+    """The 'shape' normalisation has value 1: the student's training loss and its gradient are plain KD's."""
+    from timm_mkd.meta_step import kd_term
+    from timm_mkd.loss import two_temperature_kd_loss
+    torch.manual_seed(0)
+    zs = torch.randn(8, 10, dtype=torch.float64, requires_grad=True)
+    zt = torch.randn(8, 10, dtype=torch.float64)
+    taus = (torch.tensor(3.0, dtype=torch.float64).log(), torch.tensor(2.0, dtype=torch.float64).log())
+    shaped = kd_term(zs, zt, taus, 0.7, 'student', 'shape', zs.detach())
+    plain = 0.7 * two_temperature_kd_loss(zs, zt, taus[0].exp(), taus[1].exp())
+    assert torch.allclose(shaped, plain, rtol=1e-12)
+    g_shaped, = torch.autograd.grad(shaped, zs)
+    g_plain, = torch.autograd.grad(plain, zs)
+    assert torch.allclose(g_shaped, g_plain, rtol=1e-12)

@@ -75,6 +75,32 @@ def two_temperature_kd_loss(
     raise ValueError(f"unknown KD scale '{scale}'; use one of {KD_SCALES}")
 
 
+def kd_logit_grad_norm(
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        tau_t: torch.Tensor,
+        tau_s: torch.Tensor,
+        scale: str = 'student',
+) -> torch.Tensor:
+    """``|| d KD / d z_s ||`` over the whole batch, as a differentiable function of the temperatures.
+
+    This is the *strength* of the KD term: how hard it pushes the student's logits. The
+    ``'shape'`` hypergradient (``timm_mkd.meta_step``) divides the KD loss by it (value 1, so the
+    training step is unchanged), so that a temperature is judged by the direction of the push it
+    produces, not by its size. ``student_logits`` are treated as constants (a reference point).
+
+    Returns:
+        0-dim tensor in the loss's float dtype, with a graph to ``tau_t`` / ``tau_s``.
+    """
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    z = student_logits.detach().to(dtype).requires_grad_(True)
+    with torch.enable_grad():
+        kd = two_temperature_kd_loss(z, teacher_logits, tau_t, tau_s, scale)
+        (grad,) = torch.autograd.grad(kd, z, create_graph=True)
+    # The tiny offset keeps d/dtau finite when the KD gradient vanishes (every teacher row masked).
+    return (grad.square().sum() + 1e-30).sqrt()
+
+
 def meta_loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the look-ahead student on a meta batch.
 

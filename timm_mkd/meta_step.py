@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-from .loss import meta_loss_fn, two_temperature_kd_loss
+from .loss import kd_logit_grad_norm, meta_loss_fn, two_temperature_kd_loss
 
 
 @dataclass
@@ -119,24 +119,67 @@ def _buffer_copies(module: nn.Module) -> Dict[str, torch.Tensor]:
     return {n: b.clone() for n, b in module.named_buffers()}
 
 
+HYPERGRAD_MODES = ('shape', 'full')
+
+
+def _student_logits(student: nn.Module, params: Dict[str, torch.Tensor], batch: TrainBatch) -> torch.Tensor:
+    """The training forward's logits at ``params``: same RNG (dropout masks), copied buffers, float32, no graph."""
+    device = batch.input.device
+    with replay_rng(batch.rng_state, device), torch.no_grad(), torch.autocast(device.type, enabled=False):
+        return functional_call(student, {**params, **_buffer_copies(student)}, (batch.input,))
+
+
+def kd_term(
+        logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        taus: Tuple[torch.Tensor, torch.Tensor],
+        kd_weight: float,
+        kd_scale: str,
+        mode: str,
+        reference_logits: torch.Tensor,
+) -> torch.Tensor:
+    """``kd_weight * KD`` as the hypergradient sees it, from log-temperatures ``taus``.
+
+    ``'full'``: the KD loss itself. ``'shape'``: the KD loss divided by its own strength
+    ``|dKD/dz_s|`` at ``reference_logits`` (and multiplied by that strength's value, held
+    constant). The value, and so the student's training step, is unchanged; only the
+    derivative w.r.t. tau differs: the part of it that merely scales the KD push up or down
+    is removed. Why: a one-step look-ahead rewards any larger step on the student (short-
+    horizon bias), so in ``'full'`` mode the temperatures drift to whatever makes the KD
+    gradient biggest (tau_s up, tau_t down) rather than to the target that helps.
+    """
+    tau_t, tau_s = taus[0].exp(), taus[1].exp()
+    kd = kd_weight * two_temperature_kd_loss(logits, teacher_logits, tau_t, tau_s, kd_scale)
+    if mode == 'full':
+        return kd
+    if mode != 'shape':
+        raise ValueError(f"unknown hypergradient mode '{mode}'; use one of {HYPERGRAD_MODES}")
+    strength = kd_logit_grad_norm(reference_logits, teacher_logits, tau_t, tau_s, kd_scale)
+    return kd * (strength.detach() / strength)
+
+
 def _kd_tau_grad(
-        student: nn.Module,
-        params: Dict[str, torch.Tensor],
+        logits_plus: torch.Tensor,
+        logits_minus: torch.Tensor,
         batch: TrainBatch,
         log_taus: Tuple[torch.Tensor, torch.Tensor],
         kd_weight: float,
-        kd_scale: str = 'student',
+        kd_scale: str,
+        mode: str,
 ) -> torch.Tensor:
-    """grad of ``kd_weight * KD`` w.r.t. (log tau_t, log tau_s) at student parameters ``params``; forward only."""
-    device = batch.input.device
-    with replay_rng(batch.rng_state, device), torch.no_grad(), torch.autocast(device.type, enabled=False):
-        logits = functional_call(student, {**params, **_buffer_copies(student)}, (batch.input,))
+    """``grad_tau [KD(theta + e w) - KD(theta - e w)]`` w.r.t. (log tau_t, log tau_s), from the two forwards' logits.
+
+    The ``'shape'`` reference point is the midpoint of the two logits, ``z(theta) + O(e^2)``: the
+    same constant on both sides, so the difference carries no derivative of the reference itself.
+    """
+    dtype = torch.promote_types(logits_plus.dtype, torch.float32)
+    reference = 0.5 * (logits_plus.to(dtype) + logits_minus.to(dtype))
     with torch.enable_grad():
-        dtype = torch.promote_types(logits.dtype, torch.float32)
-        taus = [lt.detach().to(dtype).requires_grad_(True) for lt in log_taus]
-        kd = kd_weight * two_temperature_kd_loss(logits, batch.teacher_logits, taus[0].exp(), taus[1].exp(), kd_scale)
-        grads = torch.autograd.grad(kd, taus)
-    return torch.stack(grads)
+        taus = tuple(lt.detach().to(dtype).requires_grad_(True) for lt in log_taus)
+        diff = (kd_term(logits_plus, batch.teacher_logits, taus, kd_weight, kd_scale, mode, reference)
+                - kd_term(logits_minus, batch.teacher_logits, taus, kd_weight, kd_scale, mode, reference))
+        grads = torch.autograd.grad(diff, taus, allow_unused=True)
+    return torch.stack([g if g is not None else torch.zeros_like(t) for g, t in zip(grads, taus)])
 
 
 @dataclass
@@ -165,6 +208,7 @@ def finite_difference_hypergradient(
         fd_eps: float = 1e-2,
         meta_autocast: Optional[Callable] = None,
         kd_scale: str = 'student',
+        mode: str = 'full',
 ) -> HyperGradient:
     """The MKD hypergradient by a central finite difference along ``w = J v``.
 
@@ -183,6 +227,7 @@ def finite_difference_hypergradient(
         fd_eps: finite-difference step relative to ``|w|``.
         meta_autocast: optional autocast context factory for the meta-batch forward/backward.
         kd_scale: the KD loss's temperature scale (``two_temperature_kd_loss``).
+        mode: ``'full'`` (default) or ``'shape'``; see ``kd_term``.
 
     Returns:
         ``HyperGradient``.
@@ -215,9 +260,9 @@ def finite_difference_hypergradient(
     def perturbed(sign: float) -> Dict[str, torch.Tensor]:
         return {n: (theta[n].to(w_i.dtype) + (sign * eps) * w_i).to(theta[n].dtype) for n, w_i in zip(names, w)}
 
-    grad_plus = _kd_tau_grad(student, perturbed(+1.0), batch, log_taus, kd_weight, kd_scale)
-    grad_minus = _kd_tau_grad(student, perturbed(-1.0), batch, log_taus, kd_weight, kd_scale)
-    grad = -(grad_plus - grad_minus) / (2.0 * eps)
+    logits_plus = _student_logits(student, perturbed(+1.0), batch)
+    logits_minus = _student_logits(student, perturbed(-1.0), batch)
+    grad = -_kd_tau_grad(logits_plus, logits_minus, batch, log_taus, kd_weight, kd_scale, mode) / (2.0 * eps)
     return HyperGradient(grad=grad, meta_loss=float(meta_loss.detach()), epsilon=eps)
 
 
@@ -233,6 +278,7 @@ def exact_hypergradient(
         log_taus: Tuple[torch.Tensor, torch.Tensor],
         kd_weight: float,
         kd_scale: str = 'student',
+        mode: str = 'full',
 ) -> torch.Tensor:
     """Oracle: the same hypergradient by double backward (no finite difference).
 
@@ -250,8 +296,8 @@ def exact_hypergradient(
     taus = [lt.detach().to(dtype).requires_grad_(True) for lt in log_taus]
     with replay_rng(batch.rng_state, batch.input.device):
         logits = functional_call(student, {**params, **_buffer_copies(student)}, (batch.input,))
-    train_loss = task_weight * criterion(logits, batch.target) + kd_weight * two_temperature_kd_loss(
-        logits, batch.teacher_logits, taus[0].exp(), taus[1].exp(), kd_scale)
+    train_loss = task_weight * criterion(logits, batch.target) + kd_term(
+        logits, batch.teacher_logits, taus, kd_weight, kd_scale, mode, logits.detach())
     g = torch.autograd.grad(train_loss, list(params.values()), create_graph=True)
     lookahead = {}
     for (n, p, group), g_i in zip(named, g):

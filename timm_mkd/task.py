@@ -12,7 +12,7 @@ from timm.task import DistillationTeacher, TrainingTask
 from timm.utils import unwrap_model
 
 from .loss import KD_SCALES, two_temperature_kd_loss
-from .meta_step import TrainBatch, capture_rng_state, finite_difference_hypergradient, optimizer_params
+from .meta_step import HYPERGRAD_MODES, TrainBatch, capture_rng_state, finite_difference_hypergradient, optimizer_params
 from .teacher import build_teacher
 from .temperature import Temperatures
 
@@ -60,12 +60,18 @@ class MKDTask(TrainingTask):
         tau_max: upper bound of both temperatures.
         learn_tau_t: let the meta step move ``tau_t`` (False: fixed, as timm's task).
         learn_tau_s: let the meta step move ``tau_s``.
+        tie_temperatures: move ``log tau_t`` and ``log tau_s`` by the same meta step (the sum of their
+            hypergradients), so their ratio keeps its initial value; one meta-parameter, the common scale.
         meta_interval: optimizer updates between meta steps (N >= 1).
         meta_lr: learning rate of the meta optimizer on the log-temperatures.
         meta_optimizer: ``'adam'`` (default; scale-free steps in log-tau) or ``'sgd'``.
         fd_eps: finite-difference step, relative to the norm of the look-ahead direction.
         kd_scale: ``'student'`` (``tau_s^2``, equals timm's ``T^2`` at equal temperatures) or ``'product'``
             (``tau_t * tau_s``); see ``timm_mkd.loss.two_temperature_kd_loss``.
+        hypergrad_mode: ``'full'`` (default): the plain one-step hypergradient, which also rewards a merely
+            larger KD push (short-horizon bias); ``'shape'``: the meta step judges a temperature by the
+            direction of the KD push it gives the student, with the push's size held fixed. See
+            ``timm_mkd.meta_step.kd_term``.
         student_mean: normalisation mean the student's loader applies (default: the student's pretrained_cfg).
         student_std: normalisation std the student's loader applies.
         meta_autocast: optional callable returning an autocast context for the meta-batch forward/backward.
@@ -90,11 +96,13 @@ class MKDTask(TrainingTask):
             tau_max: float = 20.0,
             learn_tau_t: bool = True,
             learn_tau_s: bool = True,
+            tie_temperatures: bool = False,
             meta_interval: int = 20,
             meta_lr: float = 0.02,
             meta_optimizer: str = 'adam',
             fd_eps: float = 1e-2,
             kd_scale: str = 'student',
+            hypergrad_mode: str = 'full',
             student_mean: Optional[Sequence[float]] = None,
             student_std: Optional[Sequence[float]] = None,
             meta_autocast: Optional[Callable] = None,
@@ -123,11 +131,18 @@ class MKDTask(TrainingTask):
         self.task_loss_weight, self.distill_loss_weight = _resolve_loss_weights(task_loss_weight, distill_loss_weight)
 
         self.tau = Temperatures(tau_t, tau_s, tau_min, tau_max, learn_tau_t, learn_tau_s, device=self.device)
+        if tie_temperatures and not (learn_tau_t and learn_tau_s):
+            raise ValueError("tie_temperatures=True moves both temperatures together; it needs learn_tau_t and "
+                             "learn_tau_s both True (to fix one temperature, untie them).")
+        self.tie_temperatures = bool(tie_temperatures)
         self.meta_interval = int(meta_interval)
         self.fd_eps = float(fd_eps)
         if kd_scale not in KD_SCALES:
             raise ValueError(f"kd_scale='{kd_scale}' is unknown; use one of {KD_SCALES}.")
         self.kd_scale = kd_scale
+        if hypergrad_mode not in HYPERGRAD_MODES:
+            raise ValueError(f"hypergrad_mode='{hypergrad_mode}' is unknown; use one of {HYPERGRAD_MODES}.")
+        self.hypergrad_mode = hypergrad_mode
         self.meta_autocast = meta_autocast
         self.meta_optimizer = _make_meta_optimizer(meta_optimizer, self.tau.learnable(), meta_lr)
 
@@ -351,7 +366,8 @@ class MKDTask(TrainingTask):
         hyper = finite_difference_hypergradient(
             student, self._optimizer, self._theta, self._last_batch, meta_input, meta_target,
             (self.tau.log_tau_t, self.tau.log_tau_s), self.distill_loss_weight,
-            fd_eps=self.fd_eps, meta_autocast=self.meta_autocast, kd_scale=self.kd_scale)
+            fd_eps=self.fd_eps, meta_autocast=self.meta_autocast, kd_scale=self.kd_scale,
+            mode=self.hypergrad_mode)
         stats = torch.cat([hyper.grad.detach().to(torch.float64).reshape(2),
                            torch.tensor([hyper.meta_loss], dtype=torch.float64, device=hyper.grad.device)])
         stats = _average_across_ranks(stats)
@@ -391,6 +407,8 @@ class MKDTask(TrainingTask):
         return self.last_record
 
     def _apply_meta_grad(self, grad: torch.Tensor) -> None:
+        if self.tie_temperatures:
+            grad = grad.sum().expand(2)
         params = [(self.tau.log_tau_t, grad[0]), (self.tau.log_tau_s, grad[1])]
         for p, g in params:
             if p.requires_grad:
