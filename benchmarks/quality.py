@@ -187,7 +187,7 @@ def run_student(args, method, tau, seed, teacher, train_set, meta_set, eval_load
     if method == 'kd':
         task = LogitDistillationTask(student, teacher, criterion=criterion, temperature=tau, verbose=False)
     elif method == 'mkd':
-        kw = {}
+        kw = {'tau_t': tau, 'tau_s': tau}
         if args.meta_interval is not None:
             kw['meta_interval'] = args.meta_interval
         if args.meta_lr is not None:
@@ -195,7 +195,7 @@ def run_student(args, method, tau, seed, teacher, train_set, meta_set, eval_load
         if args.fixed_tau_s:
             kw['learn_tau_s'] = False
         kw.update(mkd_kwargs(args))
-        task = MKDTask(student, teacher, criterion=criterion, tau_t=tau, tau_s=tau, student_mean=MEAN,
+        task = MKDTask(student, teacher, criterion=criterion, student_mean=MEAN,
                        student_std=STD, verbose=False, **kw)
         meta_batches = build_meta_loader(meta_set, input_size=(1, args.img_size, args.img_size),
                                          batch_size=args.meta_batch_size, mean=MEAN, std=STD, crop_pct=1.0,

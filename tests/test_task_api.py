@@ -89,3 +89,23 @@ def test_to_and_dtype_moves_keep_working():
     task(x, y)['loss'].backward()
     opt.step()
     assert task.meta_steps == 1 and task.temperatures() != (4.0, 4.0)
+
+
+def test_tied_temperatures_keep_their_ratio_and_move():
+    import math
+    import pytest
+    task = _task(tau_t=3.0, tau_s=2.0, tie_temperatures=True, meta_interval=1, meta_lr=0.1)
+    opt = torch.optim.SGD(task.trainable_module.parameters(), lr=0.1)
+    x, y = fmnist_batches(16)
+    task.attach(opt, [fmnist_batches(16, offset=500)])
+    for _ in range(3):
+        opt.zero_grad()
+        task(x, y)['loss'].backward()
+        opt.step()
+    tau_t, tau_s = task.temperatures()
+    assert task.meta_steps == 3 and tau_t != 3.0
+    assert math.isclose(tau_t / tau_s, 1.5, rel_tol=1e-5)
+    with pytest.raises(ValueError, match='tie_temperatures'):
+        _task(tie_temperatures=True, learn_tau_s=False)
+    with pytest.raises(ValueError, match='hypergrad_mode'):
+        _task(hypergrad_mode='long')
