@@ -277,7 +277,8 @@ def variant_name(args, sep=', '):
     from timm_mkd import MKDTask
     kw = mkd_kwargs(args)
     # Always named, so rows stay comparable when the library default changes.
-    kw.setdefault('hypergrad_mode', inspect.signature(MKDTask).parameters['hypergrad_mode'].default)
+    for key in ('hypergrad_mode', 'tie_temperatures'):
+        kw.setdefault(key, inspect.signature(MKDTask).parameters[key].default)
     parts = (['fixed-tau-s'] if args.fixed_tau_s else []) + [f'{k}={v}' for k, v in sorted(kw.items())]
     return sep.join(parts) if sep == ', ' else ''.join(sep + x for x in parts)
 

@@ -48,7 +48,7 @@ def _run(steps: int = 2, meta_batches=None, **task_kwargs):
 def test_meta_step_changes_temperatures():
     task, _, _ = _run()
     assert task.meta_steps == 2
-    assert task.temperatures() != (4.0, 4.0)
+    assert task.temperatures() != (1.0, 1.0)
 
 
 def test_student_parameters_untouched():
@@ -116,7 +116,7 @@ def test_non_finite_hypergradient_is_skipped_with_warning():
     with pytest.warns(RuntimeWarning, match='skipped'):
         task, _, _ = _run(meta_batches=[(xm, ym)])
     assert task.meta_skipped == 2 and task.meta_steps == 2
-    assert task.temperatures() == pytest.approx((4.0, 4.0), rel=0, abs=1e-6)
+    assert task.temperatures() == pytest.approx((1.0, 1.0), rel=0, abs=1e-6)
     assert task.last_record['skipped'] == 1
 
 
@@ -129,12 +129,12 @@ def test_repeated_skips_are_reported_each_time(caplog):
     logged = [r for r in caplog.records if 'skipped' in r.getMessage()]
     assert len(logged) == 12 and task.meta_skipped == 12
     assert logged[-1].levelname == 'ERROR' and 'frozen' in logged[-1].getMessage()
-    assert task.temperatures() == pytest.approx((4.0, 4.0), rel=0, abs=1e-6)
+    assert task.temperatures() == pytest.approx((1.0, 1.0), rel=0, abs=1e-6)
 
 
 def test_temperatures_stay_inside_bounds():
     """A huge meta learning rate drives tau against a bound; projection keeps it there, not beyond."""
-    task, _, _ = _run(steps=6, meta_lr=5.0, tau_min=1.0, tau_max=8.0)
+    task, _, _ = _run(steps=6, meta_lr=5.0, tau_t=4.0, tau_s=4.0, tau_min=1.0, tau_max=8.0)
     tau_t, tau_s = task.temperatures()
     assert 1.0 - 1e-6 <= tau_t <= 8.0 + 1e-6 and 1.0 - 1e-6 <= tau_s <= 8.0 + 1e-6
     assert min(tau_t, tau_s) <= 1.0 + 1e-5 or max(tau_t, tau_s) >= 8.0 - 1e-4
@@ -190,7 +190,7 @@ def test_training_stream_meta_source_with_soft_targets():
         task(x, y)['loss'].backward()
         opt.step()
     assert task.meta_steps == 2 and task.meta_skipped == 0
-    assert task.temperatures() != (4.0, 4.0)
+    assert task.temperatures() != (1.0, 1.0)
 
 
 class _FlakyTeacher(torch.nn.Module):
@@ -225,4 +225,4 @@ def test_non_finite_teacher_logits_never_reach_temperatures_or_student():
     assert task.meta_skipped == 0 and task.meta_steps == 3
     assert all(torch.isfinite(p).all() for p in student.parameters())
     tau_t, tau_s = task.temperatures()
-    assert (tau_t, tau_s) != (4.0, 4.0) and all(0.5 <= t <= 20.0 for t in (tau_t, tau_s))
+    assert (tau_t, tau_s) != (1.0, 1.0) and all(0.5 <= t <= 20.0 for t in (tau_t, tau_s))

@@ -207,7 +207,7 @@ def test_mkd_run_strong_augmentation(mkd_run, teacher_ckpt):
     rows = assert_mkd_summary(outdir, epochs=2)
     last = rows[-1]
     tau_t, tau_s = float(last['tau_t']), float(last['tau_s'])
-    assert (tau_t, tau_s) != (4.0, 4.0), 'temperatures did not move'
+    assert (tau_t, tau_s) != (1.0, 1.0), 'temperatures did not move'
     assert f"Loaded KD teacher 'resnet18' from '{teacher_ckpt}'" in result.log
     assert 'MKD: held out 40 of 400 training samples' in result.log
     assert 'MKD epoch 1: tau_t=' in result.log

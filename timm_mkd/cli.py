@@ -32,7 +32,8 @@ __all__ = [
 ]
 
 # Fallback defaults, used only when the core's MKDTask signature cannot be read (see _core_defaults).
-_FALLBACK_DEFAULTS = dict(tau_t=4.0, tau_s=4.0, tau_min=0.5, tau_max=20.0, meta_interval=20, meta_lr=0.02)
+_FALLBACK_DEFAULTS = dict(tau_t=1.0, tau_s=1.0, tau_min=0.5, tau_max=20.0, meta_interval=20, meta_lr=0.02,
+                          tie_temperatures=True, hypergrad_mode='full')
 
 #: Default of ``--mkd-meta-data``: hold out 5% of the training split.
 DEFAULT_META_DATA = '0.05'
@@ -71,6 +72,8 @@ MKD_DESTS: Dict[str, Any] = {
     'mkd_tau_max': MKD_DEFAULTS['tau_max'],
     'mkd_meta_interval': MKD_DEFAULTS['meta_interval'],
     'mkd_meta_lr': MKD_DEFAULTS['meta_lr'],
+    'mkd_temperatures': 'tied' if MKD_DEFAULTS['tie_temperatures'] else 'free',
+    'mkd_hypergrad': MKD_DEFAULTS['hypergrad_mode'],
     'mkd_meta_data': DEFAULT_META_DATA,
     'mkd_meta_batch_size': None,
 }
@@ -134,6 +137,15 @@ def add_mkd_args(parser_or_group) -> None:
     group.add_argument(
         '--mkd-meta-lr', default=d['mkd_meta_lr'], type=float, metavar='LR',
         help=f'Learning rate of the Adam meta optimizer on the log-temperatures (default: {d["mkd_meta_lr"]}).')
+    group.add_argument(
+        '--mkd-temperatures', default=d['mkd_temperatures'], choices=('tied', 'free'),
+        help='tied: one meta step moves both log-temperatures together, so tau_t / tau_s keeps its initial '
+             'value; free: each moves on its own (the one-step meta-gradient then drives tau_s above tau_t, '
+             f'which costs accuracy in benchmarks/results) (default: {d["mkd_temperatures"]}).')
+    group.add_argument(
+        '--mkd-hypergrad', default=d['mkd_hypergrad'], choices=('full', 'shape'),
+        help='full: the one-step meta-gradient; shape: the same with the KD push\'s size held fixed, so a '
+             f'temperature is judged by the direction of its push only (default: {d["mkd_hypergrad"]}).')
     group.add_argument(
         '--mkd-meta-data', default=d['mkd_meta_data'], type=str, metavar='SOURCE',
         help='Where meta batches come from: a fraction such as 0.05 (hold out that share of the '
@@ -206,6 +218,8 @@ class MKDOptions:
     tau_max: float
     meta_interval: int
     meta_lr: float
+    tie_temperatures: bool
+    hypergrad_mode: str
     meta_data: Optional[MetaDataSpec]
     meta_batch_size: Optional[int]
 
@@ -213,7 +227,8 @@ class MKDOptions:
         """Keyword arguments for ``timm_mkd.MKDTask`` (the MKD-specific ones)."""
         return dict(
             tau_t=self.tau_t, tau_s=self.tau_s, tau_min=self.tau_min, tau_max=self.tau_max,
-            meta_interval=self.meta_interval, meta_lr=self.meta_lr)
+            meta_interval=self.meta_interval, meta_lr=self.meta_lr,
+            tie_temperatures=self.tie_temperatures, hypergrad_mode=self.hypergrad_mode)
 
 
 def mkd_flags_in_use(args: argparse.Namespace) -> Sequence[str]:
@@ -316,7 +331,8 @@ def validate_mkd_args(args: argparse.Namespace) -> Optional[MKDOptions]:
             mkd=False, teacher=teacher, teacher_checkpoint=checkpoint,
             tau_t=args.mkd_tau_t, tau_s=args.mkd_tau_s, tau_min=args.mkd_tau_min,
             tau_max=args.mkd_tau_max, meta_interval=args.mkd_meta_interval,
-            meta_lr=args.mkd_meta_lr, meta_data=None, meta_batch_size=None)
+            meta_lr=args.mkd_meta_lr, tie_temperatures=args.mkd_temperatures == 'tied',
+            hypergrad_mode=args.mkd_hypergrad, meta_data=None, meta_batch_size=None)
 
     distill_type = get('kd_distill_type', 'logit')
     if distill_type != 'logit':
@@ -386,4 +402,5 @@ def validate_mkd_args(args: argparse.Namespace) -> Optional[MKDOptions]:
         mkd=True, teacher=teacher, teacher_checkpoint=checkpoint,
         tau_t=tau_t, tau_s=tau_s, tau_min=tau_min, tau_max=tau_max,
         meta_interval=args.mkd_meta_interval, meta_lr=args.mkd_meta_lr,
+        tie_temperatures=args.mkd_temperatures == 'tied', hypergrad_mode=args.mkd_hypergrad,
         meta_data=spec, meta_batch_size=args.mkd_meta_batch_size)

@@ -60,8 +60,12 @@ class MKDTask(TrainingTask):
         tau_max: upper bound of both temperatures.
         learn_tau_t: let the meta step move ``tau_t`` (False: fixed, as timm's task).
         learn_tau_s: let the meta step move ``tau_s``.
-        tie_temperatures: move ``log tau_t`` and ``log tau_s`` by the same meta step (the sum of their
-            hypergradients), so their ratio keeps its initial value; one meta-parameter, the common scale.
+        tie_temperatures: ``True`` (default): each meta step moves ``log tau_t`` and ``log tau_s`` by the same
+            amount (driven by the sum of their hypergradients), so ``tau_t / tau_s`` keeps its initial value
+            and the meta step learns one common temperature. ``False``: each moves on its own. Why tied:
+            untied, the one-step meta-gradient drives tau_s above tau_t in every benchmark run (a student
+            forced to be sharper than its teacher helps the next step), and such a mismatch costs 4-6 points
+            of top-1 later (``benchmarks/results/README.md``).
         meta_interval: optimizer updates between meta steps (N >= 1).
         meta_lr: learning rate of the meta optimizer on the log-temperatures.
         meta_optimizer: ``'adam'`` (default; scale-free steps in log-tau) or ``'sgd'``.
@@ -90,13 +94,13 @@ class MKDTask(TrainingTask):
             dtype: Optional[torch.dtype] = None,
             verbose: bool = True,
             *,
-            tau_t: float = 4.0,
-            tau_s: float = 4.0,
+            tau_t: float = 1.0,
+            tau_s: float = 1.0,
             tau_min: float = 0.5,
             tau_max: float = 20.0,
             learn_tau_t: bool = True,
             learn_tau_s: bool = True,
-            tie_temperatures: bool = False,
+            tie_temperatures: bool = True,
             meta_interval: int = 20,
             meta_lr: float = 0.02,
             meta_optimizer: str = 'adam',
