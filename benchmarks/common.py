@@ -8,6 +8,7 @@ from typing import Tuple
 import timm
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from timm_mkd.fashion_mnist import cache_dir, fashion_mnist_root as _fashion_mnist_root  # noqa: F401 (cache_dir re-exported)
 
@@ -60,14 +61,23 @@ def make_loader(dataset, batch_size: int, training: bool, img_size: int = 28, aa
 
 @torch.no_grad()
 def accuracy(model: nn.Module, loader) -> float:
+    return evaluate(model, loader)[0]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader) -> Tuple[float, float]:
+    """(top-1, mean cross-entropy) on ``loader``; the cross-entropy is what MKD's meta step minimises."""
     was = model.training
     model.eval()
     correct = total = 0
+    nll = 0.0
     for x, y in loader:
-        correct += (model(x).argmax(-1) == y).sum().item()
+        logits = model(x)
+        correct += (logits.argmax(-1) == y).sum().item()
+        nll += F.cross_entropy(logits.float(), y, reduction='sum').item()
         total += y.numel()
     model.train(was)
-    return correct / total
+    return correct / total, nll / total
 
 
 def peak_rss_mib() -> Tuple[float, float]:

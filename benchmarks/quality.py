@@ -42,13 +42,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (MEAN, STD, accuracy, cache_dir, fashion_mnist_root, make_loader,  # noqa: E402
+from common import (MEAN, STD, accuracy, cache_dir, evaluate, fashion_mnist_root, make_loader,  # noqa: E402
                     teacher_model, vit_student)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, 'results')
 FIELDS = ['method', 'tau', 'seed', 'top1', 'tau_t_final', 'tau_s_final', 'meta_steps', 'meta_skipped', 'steps',
-          'batch_size', 'wall_s', 'eval_split', 'meta_interval', 'meta_lr', 'schedule', 'variant']
+          'batch_size', 'wall_s', 'eval_split', 'meta_interval', 'meta_lr', 'schedule', 'variant', 'nll']
 CONFIGS = [('none', 0.0), ('kd', 1.0), ('kd', 2.0), ('kd', 4.0), ('kd', 8.0), ('mkd', 1.0), ('mkd', 4.0)]
 
 
@@ -240,8 +240,8 @@ def run_student(args, method, tau, seed, teacher, train_set, meta_set, eval_load
                 print(f'  [{method} tau {tau:g} seed {seed}] step {step}/{args.steps} loss '
                       f'{sum(losses[-100:]) / len(losses[-100:]):.3f}{extra} ({time.time() - t0:.0f}s)', flush=True)
     train_s = time.time() - t0
-    top1 = accuracy(student, eval_loader)
-    row = dict(method=method, tau=tau, seed=seed, top1=round(100 * top1, 2), steps=step, batch_size=args.batch_size,
+    top1, nll = evaluate(student, eval_loader)
+    row = dict(method=method, tau=tau, seed=seed, top1=round(100 * top1, 2), nll=round(nll, 4), steps=step, batch_size=args.batch_size,
                wall_s=round(train_s, 1), eval_split='val' if args.tune else 'test', schedule=schedule_sig(args),
                tau_t_final='', tau_s_final='', meta_steps='', meta_skipped='', meta_interval='', meta_lr='',
                variant=variant_name(args) if method == 'mkd' else '')
@@ -296,6 +296,12 @@ def read_rows(path):
 
 
 def append_row(path, row):
+    rows = read_rows(path)
+    if rows and list(rows[0]) != FIELDS:  # a CSV from before a column was added: rewrite it with every column
+        with open(path, 'w', newline='') as f:
+            w = csv.DictWriter(f, fieldnames=FIELDS)
+            w.writeheader()
+            w.writerows({k: r.get(k) or '' for k in FIELDS} for r in rows)
     new = not os.path.isfile(path)
     with open(path, 'a', newline='') as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)

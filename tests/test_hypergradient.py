@@ -40,19 +40,23 @@ def _one_update(task, opt, x, y):
 
 @pytest.mark.parametrize('opt_name, kd_scale, mode', [
     ('sgd', 'student', 'shape'), ('momentum', 'student', 'shape'), ('adamw', 'student', 'shape'),
-    ('sgd', 'product', 'shape'), ('sgd', 'student', 'full'), ('adamw', 'student', 'full')])
+    ('sgd', 'product', 'shape'), ('sgd', 'student', 'full'), ('adamw', 'student', 'full'),
+    ('sgd', 'student', 'full/calibrated'), ('adamw', 'student', 'shape/calibrated')])
 def test_finite_difference_matches_exact_oracle(opt_name, kd_scale, mode):
+    mode, _, meta_loss = mode.partition('/')
+    meta_loss = meta_loss or 'ce'
     task, opt, (x, y), (xm, ym) = _setup(opt_name)
     task.kd_scale = kd_scale
     theta = _one_update(task, opt, x, y)
     student, batch = task.trainable_module, task._last_batch
     log_taus = (task.tau.log_tau_t, task.tau.log_tau_s)
     oracle = exact_hypergradient(student, opt, theta, batch, task.criterion, task.task_loss_weight,
-                                 xm, ym, log_taus, task.distill_loss_weight, kd_scale=kd_scale, mode=mode)
-    fd = finite_difference_hypergradient(student, opt, theta, batch, xm, ym, log_taus,
-                                         task.distill_loss_weight, fd_eps=1e-2, kd_scale=kd_scale, mode=mode)
+                                 xm, ym, log_taus, task.distill_loss_weight, kd_scale=kd_scale, mode=mode,
+                                 meta_loss=meta_loss)
+    fd = finite_difference_hypergradient(student, opt, theta, batch, xm, ym, log_taus, task.distill_loss_weight,
+                                         fd_eps=1e-2, kd_scale=kd_scale, mode=mode, meta_loss=meta_loss)
     rel = (fd.grad - oracle).norm() / oracle.norm()
-    print(f'{opt_name}/{kd_scale}/{mode}: oracle={oracle.tolist()} fd={fd.grad.tolist()} rel_err={rel:.2e}')
+    print(f'{opt_name}/{kd_scale}/{mode}/{meta_loss}: oracle={oracle.tolist()} fd={fd.grad.tolist()} rel_err={rel:.2e}')
     assert oracle.norm() > 0
     assert rel < 1e-2
 

@@ -209,6 +209,7 @@ def finite_difference_hypergradient(
         meta_autocast: Optional[Callable] = None,
         kd_scale: str = 'student',
         mode: str = 'full',
+        meta_loss: str = 'ce',
 ) -> HyperGradient:
     """The MKD hypergradient by a central finite difference along ``w = J v``.
 
@@ -228,6 +229,7 @@ def finite_difference_hypergradient(
         meta_autocast: optional autocast context factory for the meta-batch forward/backward.
         kd_scale: the KD loss's temperature scale (``two_temperature_kd_loss``).
         mode: ``'full'`` (default) or ``'shape'``; see ``kd_term``.
+        meta_loss: ``'ce'`` (default) or ``'calibrated'``; see ``timm_mkd.loss.meta_loss_fn``.
 
     Returns:
         ``HyperGradient``.
@@ -241,8 +243,8 @@ def finite_difference_hypergradient(
     with replay_rng(None, meta_input.device), torch.enable_grad():
         with autocast:
             meta_logits = functional_call(student, _buffer_copies(student), (meta_input,))
-        meta_loss = meta_loss_fn(meta_logits, meta_target)
-        v = torch.autograd.grad(meta_loss, current, allow_unused=True)
+        meta_loss_value = meta_loss_fn(meta_logits, meta_target, meta_loss)
+        v = torch.autograd.grad(meta_loss_value, current, allow_unused=True)
 
     w = []
     for (_, p, group), v_i in zip(named, v):
@@ -254,7 +256,7 @@ def finite_difference_hypergradient(
     w_norm = torch.sqrt(sum((w_i.double() ** 2).sum() for w_i in w))
     if not torch.isfinite(w_norm) or w_norm == 0:
         grad = torch.full((2,), float('nan') if not torch.isfinite(w_norm) else 0.0, device=meta_input.device)
-        return HyperGradient(grad=grad, meta_loss=float(meta_loss.detach()), epsilon=0.0)
+        return HyperGradient(grad=grad, meta_loss=float(meta_loss_value.detach()), epsilon=0.0)
     eps = fd_eps / float(w_norm)
 
     def perturbed(sign: float) -> Dict[str, torch.Tensor]:
@@ -263,7 +265,7 @@ def finite_difference_hypergradient(
     logits_plus = _student_logits(student, perturbed(+1.0), batch)
     logits_minus = _student_logits(student, perturbed(-1.0), batch)
     grad = -_kd_tau_grad(logits_plus, logits_minus, batch, log_taus, kd_weight, kd_scale, mode) / (2.0 * eps)
-    return HyperGradient(grad=grad, meta_loss=float(meta_loss.detach()), epsilon=eps)
+    return HyperGradient(grad=grad, meta_loss=float(meta_loss_value.detach()), epsilon=eps)
 
 
 def exact_hypergradient(
@@ -279,6 +281,7 @@ def exact_hypergradient(
         kd_weight: float,
         kd_scale: str = 'student',
         mode: str = 'full',
+        meta_loss: str = 'ce',
 ) -> torch.Tensor:
     """Oracle: the same hypergradient by double backward (no finite difference).
 
@@ -305,7 +308,7 @@ def exact_hypergradient(
         lookahead[n] = p.detach() - jac * (g_i - g_i.detach())
     with replay_rng(None, batch.input.device):
         meta_logits = functional_call(student, {**lookahead, **_buffer_copies(student)}, (meta_input,))
-    meta_loss = meta_loss_fn(meta_logits, meta_target)
-    grads = torch.autograd.grad(meta_loss, taus, allow_unused=True)
+    meta_loss_value = meta_loss_fn(meta_logits, meta_target, meta_loss)
+    grads = torch.autograd.grad(meta_loss_value, taus, allow_unused=True)
     return torch.stack([gr if gr is not None else torch.zeros_like(t) for gr, t in zip(grads, taus)])
 

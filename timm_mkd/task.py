@@ -11,7 +11,7 @@ from timm.data.loader import adapt_to_chs
 from timm.task import DistillationTeacher, TrainingTask
 from timm.utils import unwrap_model
 
-from .loss import KD_SCALES, two_temperature_kd_loss
+from .loss import KD_SCALES, META_LOSSES, two_temperature_kd_loss
 from .meta_step import HYPERGRAD_MODES, TrainBatch, capture_rng_state, finite_difference_hypergradient, optimizer_params
 from .teacher import build_teacher
 from .temperature import Temperatures
@@ -76,6 +76,9 @@ class MKDTask(TrainingTask):
             larger KD push (short-horizon bias); ``'shape'``: the meta step judges a temperature by the
             direction of the KD push it gives the student, with the push's size held fixed. See
             ``timm_mkd.meta_step.kd_term``.
+        meta_loss: ``'ce'`` (default): cross-entropy on the meta batch; ``'calibrated'``: cross-entropy at the
+            batch's best single logit scale, blind to how confident the student is (see
+            ``timm_mkd.loss.meta_loss_fn``).
         student_mean: normalisation mean the student's loader applies (default: the student's pretrained_cfg).
         student_std: normalisation std the student's loader applies.
         meta_autocast: optional callable returning an autocast context for the meta-batch forward/backward.
@@ -107,6 +110,7 @@ class MKDTask(TrainingTask):
             fd_eps: float = 1e-2,
             kd_scale: str = 'student',
             hypergrad_mode: str = 'full',
+            meta_loss: str = 'ce',
             student_mean: Optional[Sequence[float]] = None,
             student_std: Optional[Sequence[float]] = None,
             meta_autocast: Optional[Callable] = None,
@@ -147,6 +151,9 @@ class MKDTask(TrainingTask):
         if hypergrad_mode not in HYPERGRAD_MODES:
             raise ValueError(f"hypergrad_mode='{hypergrad_mode}' is unknown; use one of {HYPERGRAD_MODES}.")
         self.hypergrad_mode = hypergrad_mode
+        if meta_loss not in META_LOSSES:
+            raise ValueError(f"meta_loss='{meta_loss}' is unknown; use one of {META_LOSSES}.")
+        self.meta_loss = meta_loss
         self.meta_autocast = meta_autocast
         self.meta_optimizer = _make_meta_optimizer(meta_optimizer, self.tau.learnable(), meta_lr)
 
@@ -169,7 +176,8 @@ class MKDTask(TrainingTask):
         if self.verbose:
             _logger.info(
                 f"MKDTask: tau_t={tau_t}, tau_s={tau_s} in [{tau_min}, {tau_max}], meta_interval={meta_interval}, "
-                f"meta_lr={meta_lr} ({meta_optimizer}), task_weight={self.task_loss_weight}, "
+                f"meta_lr={meta_lr} ({meta_optimizer}), {'tied' if tie_temperatures else 'free'} temperatures, "
+                f"{hypergrad_mode} hypergradient, task_weight={self.task_loss_weight}, "
                 f"distill_weight={self.distill_loss_weight}")
 
     # ------------------------------------------------------------------ timm task API
@@ -371,7 +379,7 @@ class MKDTask(TrainingTask):
             student, self._optimizer, self._theta, self._last_batch, meta_input, meta_target,
             (self.tau.log_tau_t, self.tau.log_tau_s), self.distill_loss_weight,
             fd_eps=self.fd_eps, meta_autocast=self.meta_autocast, kd_scale=self.kd_scale,
-            mode=self.hypergrad_mode)
+            mode=self.hypergrad_mode, meta_loss=self.meta_loss)
         stats = torch.cat([hyper.grad.detach().to(torch.float64).reshape(2),
                            torch.tensor([hyper.meta_loss], dtype=torch.float64, device=hyper.grad.device)])
         stats = _average_across_ranks(stats)

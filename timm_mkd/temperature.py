@@ -32,8 +32,8 @@ class Temperatures(nn.Module):
 
     def __init__(
             self,
-            tau_t: float = 4.0,
-            tau_s: float = 4.0,
+            tau_t: float = 1.0,
+            tau_s: float = 1.0,
             tau_min: float = 0.5,
             tau_max: float = 20.0,
             learn_tau_t: bool = True,
