@@ -65,19 +65,25 @@ def accuracy(model: nn.Module, loader) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader) -> Tuple[float, float]:
-    """(top-1, mean cross-entropy) on ``loader``; the cross-entropy is what MKD's meta step minimises."""
+def evaluate(model: nn.Module, loader) -> Tuple[float, float, float]:
+    """(top-1, mean cross-entropy, cross-entropy at the best single logit scale) on ``loader``.
+
+    The cross-entropy is what MKD's default meta step minimises; the calibrated one (``min_s CE(s z)``)
+    is the ``meta_loss='calibrated'`` objective, blind to over- or under-confidence.
+    """
+    from timm_mkd.loss import best_logit_scale
     was = model.training
     model.eval()
-    correct = total = 0
-    nll = 0.0
+    logits, targets = [], []
     for x, y in loader:
-        logits = model(x)
-        correct += (logits.argmax(-1) == y).sum().item()
-        nll += F.cross_entropy(logits.float(), y, reduction='sum').item()
-        total += y.numel()
+        logits.append(model(x).float())
+        targets.append(y)
     model.train(was)
-    return correct / total, nll / total
+    z, y = torch.cat(logits), torch.cat(targets)
+    top1 = (z.argmax(-1) == y).float().mean().item()
+    nll = F.cross_entropy(z, y).item()
+    nll_calibrated = F.cross_entropy(best_logit_scale(z, y) * z, y).item()
+    return top1, nll, nll_calibrated
 
 
 def peak_rss_mib() -> Tuple[float, float]:

@@ -48,7 +48,8 @@ from common import (MEAN, STD, accuracy, cache_dir, evaluate, fashion_mnist_root
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, 'results')
 FIELDS = ['method', 'tau', 'seed', 'top1', 'tau_t_final', 'tau_s_final', 'meta_steps', 'meta_skipped', 'steps',
-          'batch_size', 'wall_s', 'eval_split', 'meta_interval', 'meta_lr', 'schedule', 'variant', 'nll']
+          'batch_size', 'wall_s', 'eval_split', 'meta_interval', 'meta_lr', 'schedule', 'variant', 'nll',
+          'nll_calibrated']
 CONFIGS = [('none', 0.0), ('kd', 1.0), ('kd', 2.0), ('kd', 4.0), ('kd', 8.0), ('mkd', 1.0), ('mkd', 4.0)]
 
 
@@ -240,8 +241,9 @@ def run_student(args, method, tau, seed, teacher, train_set, meta_set, eval_load
                 print(f'  [{method} tau {tau:g} seed {seed}] step {step}/{args.steps} loss '
                       f'{sum(losses[-100:]) / len(losses[-100:]):.3f}{extra} ({time.time() - t0:.0f}s)', flush=True)
     train_s = time.time() - t0
-    top1, nll = evaluate(student, eval_loader)
-    row = dict(method=method, tau=tau, seed=seed, top1=round(100 * top1, 2), nll=round(nll, 4), steps=step, batch_size=args.batch_size,
+    top1, nll, nll_cal = evaluate(student, eval_loader)
+    row = dict(method=method, tau=tau, seed=seed, top1=round(100 * top1, 2), nll=round(nll, 4),
+               nll_calibrated=round(nll_cal, 4), steps=step, batch_size=args.batch_size,
                wall_s=round(train_s, 1), eval_split='val' if args.tune else 'test', schedule=schedule_sig(args),
                tau_t_final='', tau_s_final='', meta_steps='', meta_skipped='', meta_interval='', meta_lr='',
                variant=variant_name(args) if method == 'mkd' else '')
@@ -277,7 +279,7 @@ def variant_name(args, sep=', '):
     from timm_mkd import MKDTask
     kw = mkd_kwargs(args)
     # Always named, so rows stay comparable when the library default changes.
-    for key in ('hypergrad_mode', 'tie_temperatures'):
+    for key in ('hypergrad_mode', 'meta_loss', 'tie_temperatures'):
         kw.setdefault(key, inspect.signature(MKDTask).parameters[key].default)
     parts = (['fixed-tau-s'] if args.fixed_tau_s else []) + [f'{k}={v}' for k, v in sorted(kw.items())]
     return sep.join(parts) if sep == ', ' else ''.join(sep + x for x in parts)
@@ -321,6 +323,16 @@ def _ms(values):
     return f'{m:.2f} ± {s:.2f}' if len(values) > 1 else f'{m:.2f}'
 
 
+_SHORT = {'tie_temperatures=True': 'tied', 'tie_temperatures=False': 'free', 'hypergrad_mode=full': 'full',
+          'hypergrad_mode=shape': 'shape', 'meta_loss=ce': 'CE', 'meta_loss=calibrated': 'calibrated CE',
+          'learn_tau_t=False': 'tau_t fixed', 'learn_tau_s=False': 'tau_s fixed'}
+
+
+def short_variant(variant):
+    """``variant`` for tables: 'tied, full, CE' instead of the MKDTask keyword spelling kept in the CSV."""
+    return ', '.join(_SHORT.get(p, p) for p in variant.split(', ') if p)
+
+
 def report(args):
     rows = [r for r in read_rows(args.csv) if r['schedule'] == schedule_sig(args)]
     if not rows:
@@ -331,7 +343,7 @@ def report(args):
     for r in rows:
         key = (r['method'], float(r['tau']))
         if r['method'] == 'mkd':
-            key += (f"N={r['meta_interval']}, lr={float(r['meta_lr']):g}" + (f", {r['variant']}" if r.get('variant') else ''),)
+            key += (f"N={r['meta_interval']}, lr={float(r['meta_lr']):g}" + (f", {short_variant(r['variant'])}" if r.get('variant') else ''),)
         groups.setdefault(key, []).append(r)
     keys = sorted(groups, key=lambda k: (order.get(k[:2], 99), k))
     lines = [f'Schedule: `{rows[0]["schedule"]}`, top-1 on the {rows[0]["eval_split"]} split (%).', '',
