@@ -63,3 +63,24 @@ def test_non_finite_teacher_rows_are_dropped():
 def test_shape_mismatch_is_a_clear_error():
     with pytest.raises(ValueError, match='same classes'):
         two_temperature_kd_loss(torch.randn(2, 10), torch.randn(2, 5), torch.tensor(1.0), torch.tensor(1.0))
+
+
+def test_calibrated_meta_loss_is_ce_at_the_best_scale_and_blind_to_confidence():
+    """'calibrated' = min_s CE(s z): its value matches a grid search over s, and its gradient has no
+    component along the logits themselves (making the student more or less confident changes nothing)."""
+    import torch.nn.functional as F
+    from timm_mkd.loss import best_logit_scale, meta_loss_fn
+    torch.manual_seed(0)
+    _, y = fmnist_batches(64)
+    z = 3 * torch.randn(64, 10)
+    z[torch.arange(40), y[:40]] += 4.0  # a student that is right on most of the batch, with the wrong confidence
+    grid = torch.logspace(-2, 2, 4001, dtype=torch.float64)
+    best = min(float(F.cross_entropy(s * z.double(), y)) for s in grid)
+    z = z.clone().requires_grad_(True)
+    loss = meta_loss_fn(z, y, 'calibrated')
+    assert abs(float(loss) - best) < 1e-4
+    assert float(loss) < float(meta_loss_fn(z, y)) or abs(float(best_logit_scale(z, y)) - 1) < 1e-3
+    (grad,) = torch.autograd.grad(loss, z)
+    assert abs(float((grad * z).sum())) < 1e-5 * float(grad.norm() * z.norm())
+    # the same logits at twice the confidence: same calibrated loss
+    assert abs(float(meta_loss_fn(2 * z.detach(), y, 'calibrated')) - float(loss)) < 1e-4
