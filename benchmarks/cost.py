@@ -262,7 +262,7 @@ def worker(args):
             t = timers.get(current['c'])
             return t[name].wrap(fn)(*a, **kw) if t else fn(*a, **kw)
         return call
-    ms._kd_tau_grad = route('fd_forwards', ms._kd_tau_grad)
+    ms._student_logits = route('fd_forwards', ms._student_logits)
     ms._buffer_copies = route('buffer_copies', ms._buffer_copies)
 
     runs = {}
