@@ -377,18 +377,58 @@ def report(args):
     with open(md, 'w') as f:
         f.write(text)
     print(text)
-    # Trajectory plot.
+    # Trajectory plot: one panel per MKD configuration, every seed in it.
     if os.path.isdir(args.traj_dir):
-        from timm_mkd.plot import plot_trajectories
-        paths = {}
-        for name in sorted(os.listdir(args.traj_dir)):
-            if name.endswith('.csv'):
-                paths[name[:-4].replace('_', ' ')] = os.path.join(args.traj_dir, name)
-        if paths:
-            png = os.path.join(RESULTS, os.path.basename(args.traj_dir).replace('trajectories', 'temperatures') + '.png')
-            plot_trajectories(paths, png, title='MKD temperatures (tau_t solid, tau_s dashed)')
+        png = os.path.join(RESULTS, os.path.basename(args.traj_dir).replace('trajectories', 'temperatures') + '.png')
+        if plot_grouped_trajectories(args.traj_dir, png):
             print(f'wrote {png}')
     return text
+
+
+def plot_grouped_trajectories(traj_dir, png):
+    """Panels by configuration (file name without ``_seedN``): tau_t solid, tau_s dashed, one colour per seed."""
+    import re
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    from timm_mkd.plot import read_temperatures
+    groups = {}
+    for name in sorted(os.listdir(traj_dir)):
+        m = re.match(r'(.*)_seed(\d+)\.csv$', name)
+        if m:
+            groups.setdefault(m.group(1), []).append((int(m.group(2)), os.path.join(traj_dir, name)))
+    if not groups:
+        return False
+    cols = min(3, len(groups))
+    rows = math.ceil(len(groups) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.4 * rows), squeeze=False, sharey=True)
+    for ax, (config, runs) in zip(axes.flat, groups.items()):
+        for seed, path in runs:
+            log = read_temperatures(path)
+            colour = f'C{seed}'
+            ax.plot(log['step'], log['tau_t'], color=colour, lw=1.4, label=f'seed {seed} tau_t')
+            ax.plot(log['step'], log['tau_s'], color=colour, lw=1.4, ls='--', label=f'seed {seed} tau_s')
+        m = re.match(r'mkd_tau([0-9.]+)_N([0-9]+)_lr([0-9.e-]+)_?(.*)$', config)
+        if m:
+            variant = re.findall(r'fixed-tau-s|[a-z][a-z_]*?=[^_]+', m.group(4))
+            title = f'from tau {m.group(1)}, N={m.group(2)}, lr={m.group(3)}, {short_variant(", ".join(variant))}'
+        else:
+            title = config
+        ax.set_title(title, fontsize=8)
+        ax.set_yscale('log')
+        ax.set_yticks([0.5, 1, 2, 4, 8, 16])
+        ax.set_yticklabels(['0.5', '1', '2', '4', '8', '16'])
+        ax.grid(alpha=0.3)
+        ax.set_xlabel('optimizer update', fontsize=8)
+    for ax in list(axes.flat)[len(groups):]:
+        ax.axis('off')
+    axes[0][0].set_ylabel('temperature')
+    axes[0][0].legend(fontsize=6, ncol=2)
+    fig.suptitle('MKD temperatures per configuration: tau_t solid, tau_s dashed (tied runs: one line)', fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def main(argv=None):
