@@ -3,7 +3,7 @@
 Real data (Fashion-MNIST, Debian's ``dataset-fashion-mnist``), strong augmentation as in
 state-of-the-art recipes (RandAugment ``rand-m9-mstd0.5``, mixup 0.8, cutmix 1.0, label
 smoothing 0.1), a small timm ViT student (``vit_tiny_patch16_224`` at 28 px, patch 4) and a
-much larger CNN teacher (``resnet10t``, 4.9M parameters, ~11x the student's 0.46M) trained once, without
+much larger CNN teacher (``resnet10t``, 4.9M parameters, ~24x the student's 0.21M) trained once, without
 strong augmentation, on the train split minus the held-out meta fraction, and cached.
 
 Configurations, same budget (optimizer updates, batch, schedule) each, >= 3 seeds each:
