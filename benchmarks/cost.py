@@ -94,7 +94,7 @@ def parse_args(argv=None):
         d = default_interval()
         args.intervals = [d] if args.quick else sorted({1, 5, 10, 20, d})
     args.repeats = args.repeats or (1 if args.quick else 2)
-    args.windows = args.windows or (3 if args.quick else 4)
+    args.windows = args.windows or (8 if args.quick else 4)
     if args.quick:
         args.no_oracle = True
     tag = args.device.split(':')[0] + ('' if args.amp == 'none' else '_' + args.amp) + ('_quick' if args.quick else '')
