@@ -64,6 +64,9 @@ def _worker(rank, world_size, port, out_dir):
         mismatch_error = str(e)
     with open(os.path.join(out_dir, f'rank{rank}.json'), 'w') as f:
         json.dump({'temps': temps, 'meta_drawn': meta.drawn, 'mismatch_error': mismatch_error}, f)
+    # Tear down together: a rank that destroys its group while the other still talks to the store
+    # (rank 0 hosts it) can make gloo abort the other process ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 
