@@ -23,7 +23,7 @@ Every finished run is appended to the CSV at once, and runs already there are sk
 interrupted study resumes where it stopped.
 
 Usage:
-    python benchmarks/quality.py --quick              # ~5 minutes: tiny schedule, 1 seed, 4 configs
+    python benchmarks/quality.py --quick              # ~5 minutes: tiny schedule, 1 seed, 5 configs
     nohup nice -n 5 python benchmarks/quality.py &    # the full study (see results/README.md)
     python benchmarks/quality.py --report             # tables + trajectory PNG from the CSV only
 """
@@ -55,7 +55,7 @@ CONFIGS = [('none', 0.0), ('kd', 1.0), ('kd', 2.0), ('kd', 4.0), ('kd', 8.0), ('
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--quick', action='store_true', help='5-minute version (short schedule, one seed, 4 configs)')
+    p.add_argument('--quick', action='store_true', help='5-minute version (short schedule, one seed, 5 configs)')
     p.add_argument('--report', action='store_true', help='only write tables and the PNG from the CSV')
     p.add_argument('--tune', action='store_true', help='report on a validation subset of the train split')
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
@@ -86,7 +86,7 @@ def parse_args(argv=None):
         args.seeds = args.seeds if '--seeds' in (argv or sys.argv) else [0]
         args.steps = 120 if '--steps' not in (argv or sys.argv) else args.steps
         args.teacher_epochs = 1 if '--teacher-epochs' not in (argv or sys.argv) else args.teacher_epochs
-        args.configs = args.configs or ['none:0', 'kd:1', 'kd:4', 'mkd:4']
+        args.configs = args.configs or ['none:0', 'kd:1', 'kd:4', 'mkd:1', 'mkd:4']
     name = 'quality' + ('_quick' if args.quick else '') + ('_tune' if args.tune else '') + args.tag
     args.csv = args.csv or os.path.join(RESULTS, name + '.csv')
     args.traj_dir = os.path.join(RESULTS, 'trajectories' + ('_quick' if args.quick else '') + ('_tune' if args.tune else '') + args.tag)
