@@ -44,6 +44,14 @@ def vit_student(img_size: int = 28, depth: int = 4, dim: int = 96, heads: int = 
     return set_norm(model)
 
 
+def cnn_student(width: int = 16, in_chans: int = 1, num_classes: int = NUM_CLASSES) -> nn.Module:
+    """A small timm ResNet (BasicBlock, one block per stage, channels width x (1, 2, 4, 8))."""
+    from timm.models.resnet import BasicBlock, ResNet
+    model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=num_classes, in_chans=in_chans, stem_width=width,
+                   channels=tuple(width * m for m in (1, 2, 4, 8)))
+    return set_norm(model)
+
+
 def teacher_model(name: str = 'resnet18', in_chans: int = 1, num_classes: int = NUM_CLASSES) -> nn.Module:
     return set_norm(timm.create_model(name, in_chans=in_chans, num_classes=num_classes))
 

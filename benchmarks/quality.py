@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (MEAN, STD, accuracy, cache_dir, evaluate, fashion_mnist_root, make_loader,  # noqa: E402
+from common import (MEAN, STD, accuracy, cache_dir, cnn_student, evaluate, fashion_mnist_root, make_loader,  # noqa: E402
                     teacher_model, vit_student)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -67,6 +67,10 @@ def parse_args(argv=None):
     p.add_argument('--depth', type=int, default=4)
     p.add_argument('--dim', type=int, default=64)
     p.add_argument('--img-size', type=int, default=28)
+    p.add_argument('--student', choices=('vit', 'cnn'), default='vit',
+                   help='vit: the ViT above (required study); cnn: a small timm ResNet of width --cnn-width '
+                        '(second study; its files get the suffix _cnn)')
+    p.add_argument('--cnn-width', type=int, default=16)
     p.add_argument('--teacher', default='resnet10t')
     p.add_argument('--teacher-epochs', type=int, default=1)
     p.add_argument('--teacher-steps', type=int, default=160, help='cap on teacher updates (batch 128)')
@@ -87,6 +91,8 @@ def parse_args(argv=None):
         args.steps = 120 if '--steps' not in (argv or sys.argv) else args.steps
         args.teacher_epochs = 1 if '--teacher-epochs' not in (argv or sys.argv) else args.teacher_epochs
         args.configs = args.configs or ['none:0', 'kd:1', 'kd:4', 'mkd:1', 'mkd:4']
+    if args.student == 'cnn' and not args.tag:
+        args.tag = '_cnn'
     name = 'quality' + ('_quick' if args.quick else '') + ('_tune' if args.tune else '') + args.tag
     args.csv = args.csv or os.path.join(RESULTS, name + '.csv')
     args.traj_dir = os.path.join(RESULTS, 'trajectories' + ('_quick' if args.quick else '') + ('_tune' if args.tune else '') + args.tag)
@@ -177,7 +183,10 @@ def run_student(args, method, tau, seed, teacher, train_set, meta_set, eval_load
     np.random.seed(seed)
     import random
     random.seed(seed)
-    student = vit_student(img_size=args.img_size, depth=args.depth, dim=args.dim, heads=max(1, args.dim // 32))
+    if args.student == 'cnn':
+        student = cnn_student(width=args.cnn_width)
+    else:
+        student = vit_student(img_size=args.img_size, depth=args.depth, dim=args.dim, heads=max(1, args.dim // 32))
     criterion = SoftTargetCrossEntropy()
     optimizer = create_optimizer_v2(student, opt='adamw', lr=args.lr, weight_decay=0.05)
     warm = max(1, int(args.warmup * args.steps))
@@ -286,7 +295,8 @@ def variant_name(args, sep=', '):
 
 
 def schedule_sig(args):
-    return (f'vit-d{args.depth}-w{args.dim}-{args.img_size}px/{args.steps}x{args.batch_size}/lr{args.lr:g}'
+    net = f'cnn-w{args.cnn_width}' if getattr(args, 'student', 'vit') == 'cnn' else f'vit-d{args.depth}-w{args.dim}'
+    return (f'{net}-{args.img_size}px/{args.steps}x{args.batch_size}/lr{args.lr:g}'
             f'/{args.teacher}-s{args.teacher_steps}')
 
 
