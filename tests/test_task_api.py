@@ -105,7 +105,14 @@ def test_tied_temperatures_keep_their_ratio_and_move():
     tau_t, tau_s = task.temperatures()
     assert task.meta_steps == 3 and tau_t != 3.0
     assert math.isclose(tau_t / tau_s, 1.5, rel_tol=1e-5)
-    with pytest.raises(ValueError, match='tie_temperatures'):
-        _task(tie_temperatures=True, learn_tau_s=False)
+    # With one temperature fixed there is nothing to tie: the learned one moves alone.
+    task = _task(tau_t=3.0, tau_s=2.0, learn_tau_s=False, meta_interval=1, meta_lr=0.1)
+    assert not task.tie_temperatures
+    opt = torch.optim.SGD(task.trainable_module.parameters(), lr=0.1)
+    task.attach(opt, [fmnist_batches(16, offset=500)])
+    opt.zero_grad()
+    task(x, y)['loss'].backward()
+    opt.step()
+    assert task.temperatures()[1] == 2.0 and task.temperatures()[0] != 3.0
     with pytest.raises(ValueError, match='hypergrad_mode'):
         _task(hypergrad_mode='long')

@@ -65,7 +65,7 @@ class MKDTask(TrainingTask):
             and the meta step learns one common temperature. ``False``: each moves on its own. Why tied:
             untied, the one-step meta-gradient drives tau_s above tau_t in every benchmark run (a student
             forced to be sharper than its teacher helps the next step), and such a mismatch costs 4-6 points
-            of top-1 later (``benchmarks/results/README.md``).
+            of top-1 later (``benchmarks/results/README.md``). Ignored when one temperature is fixed.
         meta_interval: optimizer updates between meta steps (N >= 1).
         meta_lr: learning rate of the meta optimizer on the log-temperatures.
         meta_optimizer: ``'adam'`` (default; scale-free steps in log-tau) or ``'sgd'``.
@@ -141,10 +141,8 @@ class MKDTask(TrainingTask):
         self.task_loss_weight, self.distill_loss_weight = _resolve_loss_weights(task_loss_weight, distill_loss_weight)
 
         self.tau = Temperatures(tau_t, tau_s, tau_min, tau_max, learn_tau_t, learn_tau_s, device=self.device)
-        if tie_temperatures and not (learn_tau_t and learn_tau_s):
-            raise ValueError("tie_temperatures=True moves both temperatures together; it needs learn_tau_t and "
-                             "learn_tau_s both True (to fix one temperature, untie them).")
-        self.tie_temperatures = bool(tie_temperatures)
+        # Tying needs two learned temperatures; with one fixed (learn_tau_t or learn_tau_s False) it means nothing.
+        self.tie_temperatures = bool(tie_temperatures) and learn_tau_t and learn_tau_s
         self.meta_interval = int(meta_interval)
         self.fd_eps = float(fd_eps)
         if kd_scale not in KD_SCALES:
