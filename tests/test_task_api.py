@@ -12,6 +12,14 @@ def _task(**kwargs):
     return MKDTask(SmallCNN(drop=0.1), SmallCNN(width=16, drop=0.3), verbose=False, **kwargs)
 
 
+def _train(task, opt, x, y, steps=1):
+    """``steps`` plain training updates (each may trigger a meta step through the attached hooks)."""
+    for _ in range(steps):
+        opt.zero_grad()
+        task(x, y)['loss'].backward()
+        opt.step()
+
+
 def test_is_a_timm_task_with_the_promised_outputs():
     task = _task(tau_t=2.0, tau_s=3.0)
     assert isinstance(task, TrainingTask)
@@ -54,10 +62,7 @@ def test_compiled_student_with_meta_step():
     opt = torch.optim.SGD(student.parameters(), lr=0.05)
     task.attach(opt, [fmnist_batches(16, offset=100)])
     x, y = fmnist_batches(16)
-    for _ in range(2):
-        opt.zero_grad()
-        task(x, y)['loss'].backward()
-        opt.step()
+    _train(task, opt, x, y, steps=2)
     assert task.meta_steps == 2 and task.meta_skipped == 0 and task.temperatures() != (1.0, 1.0)
 
 
@@ -67,9 +72,7 @@ def test_ema_tracks_student_only():
     opt = torch.optim.SGD(task.get_trainable_module().parameters(), lr=0.1)
     task.attach(opt, [fmnist_batches(16, offset=100)])
     x, y = fmnist_batches(16)
-    opt.zero_grad()
-    task(x, y)['loss'].backward()
-    opt.step()
+    _train(task, opt, x, y)
     task.update_ema(step=1)
     assert task.has_ema() and set(ema.module.state_dict()) == set(task.trainable_module.state_dict())
     assert task.get_task_state(ema=True) == {}
@@ -85,9 +88,7 @@ def test_to_and_dtype_moves_keep_working():
     opt = torch.optim.SGD(task.get_trainable_module().parameters(), lr=0.05)
     task.attach(opt, [fmnist_batches(16, offset=100)])
     x, y = fmnist_batches(16)
-    opt.zero_grad()
-    task(x, y)['loss'].backward()
-    opt.step()
+    _train(task, opt, x, y)
     assert task.meta_steps == 1 and task.temperatures() != (1.0, 1.0)
 
 
@@ -98,10 +99,7 @@ def test_tied_temperatures_keep_their_ratio_and_move():
     opt = torch.optim.SGD(task.trainable_module.parameters(), lr=0.1)
     x, y = fmnist_batches(16)
     task.attach(opt, [fmnist_batches(16, offset=500)])
-    for _ in range(3):
-        opt.zero_grad()
-        task(x, y)['loss'].backward()
-        opt.step()
+    _train(task, opt, x, y, steps=3)
     tau_t, tau_s = task.temperatures()
     assert task.meta_steps == 3 and tau_t != 3.0
     assert math.isclose(tau_t / tau_s, 1.5, rel_tol=1e-5)
@@ -110,9 +108,7 @@ def test_tied_temperatures_keep_their_ratio_and_move():
     assert not task.tie_temperatures
     opt = torch.optim.SGD(task.trainable_module.parameters(), lr=0.1)
     task.attach(opt, [fmnist_batches(16, offset=500)])
-    opt.zero_grad()
-    task(x, y)['loss'].backward()
-    opt.step()
+    _train(task, opt, x, y)
     assert task.temperatures()[1] == 2.0 and task.temperatures()[0] != 3.0
     with pytest.raises(ValueError, match='hypergrad_mode'):
         _task(hypergrad_mode='long')

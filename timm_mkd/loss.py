@@ -106,8 +106,13 @@ def kd_logit_grad_norm(
 META_LOSSES = ('ce', 'calibrated')
 
 
+def _is_soft(target: torch.Tensor, logits: torch.Tensor) -> bool:
+    """Mixup-style ``[B, C]`` probability targets, as opposed to class indices."""
+    return target.dtype.is_floating_point and target.dim() == logits.dim()
+
+
 def _soft_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    if target.dtype.is_floating_point and target.dim() == logits.dim():
+    if _is_soft(target, logits):
         return -(target.to(logits.dtype) * F.log_softmax(logits, dim=-1)).sum(-1).mean()
     return F.cross_entropy(logits, target)
 
@@ -118,10 +123,7 @@ def best_logit_scale(logits: torch.Tensor, target: torch.Tensor, steps: int = 12
     ``CE(s z)`` is convex in ``s``: ``d/ds = mean(E_p[z] - z_y)``, ``d2/ds2 = mean(Var_p[z])``.
     """
     z = logits.detach().double()
-    if target.dtype.is_floating_point and target.dim() == z.dim():
-        y = target.detach().double()
-    else:
-        y = F.one_hot(target, z.shape[-1]).double()
+    y = target.detach().double() if _is_soft(target, z) else F.one_hot(target, z.shape[-1]).double()
     log_s = torch.zeros((), dtype=torch.float64, device=z.device)
     for _ in range(steps):
         s = log_s.exp()

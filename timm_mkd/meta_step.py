@@ -122,6 +122,12 @@ def _buffer_copies(module: nn.Module) -> Dict[str, torch.Tensor]:
 HYPERGRAD_MODES = ('shape', 'full')
 
 
+def _tau_grads(loss: torch.Tensor, taus) -> torch.Tensor:
+    """``[2]`` gradient of ``loss`` w.r.t. the two log-temperatures; zero for one the loss does not use."""
+    grads = torch.autograd.grad(loss, list(taus), allow_unused=True)
+    return torch.stack([g if g is not None else torch.zeros_like(t) for g, t in zip(grads, taus)])
+
+
 def _student_logits(student: nn.Module, params: Dict[str, torch.Tensor], batch: TrainBatch) -> torch.Tensor:
     """The training forward's logits at ``params``: same RNG (dropout masks), copied buffers, float32, no graph."""
     device = batch.input.device
@@ -178,8 +184,7 @@ def _kd_tau_grad(
         taus = tuple(lt.detach().to(dtype).requires_grad_(True) for lt in log_taus)
         diff = (kd_term(logits_plus, batch.teacher_logits, taus, kd_weight, kd_scale, mode, reference)
                 - kd_term(logits_minus, batch.teacher_logits, taus, kd_weight, kd_scale, mode, reference))
-        grads = torch.autograd.grad(diff, taus, allow_unused=True)
-    return torch.stack([g if g is not None else torch.zeros_like(t) for g, t in zip(grads, taus)])
+        return _tau_grads(diff, taus)
 
 
 @dataclass
@@ -308,7 +313,5 @@ def exact_hypergradient(
         lookahead[n] = p.detach() - jac * (g_i - g_i.detach())
     with replay_rng(None, batch.input.device):
         meta_logits = functional_call(student, {**lookahead, **_buffer_copies(student)}, (meta_input,))
-    meta_loss_value = meta_loss_fn(meta_logits, meta_target, meta_loss)
-    grads = torch.autograd.grad(meta_loss_value, taus, allow_unused=True)
-    return torch.stack([gr if gr is not None else torch.zeros_like(t) for gr, t in zip(grads, taus)])
+    return _tau_grads(meta_loss_fn(meta_logits, meta_target, meta_loss), taus)
 

@@ -145,15 +145,9 @@ class MKDTask(TrainingTask):
         self.tie_temperatures = bool(tie_temperatures) and learn_tau_t and learn_tau_s
         self.meta_interval = int(meta_interval)
         self.fd_eps = float(fd_eps)
-        if kd_scale not in KD_SCALES:
-            raise ValueError(f"kd_scale='{kd_scale}' is unknown; use one of {KD_SCALES}.")
-        self.kd_scale = kd_scale
-        if hypergrad_mode not in HYPERGRAD_MODES:
-            raise ValueError(f"hypergrad_mode='{hypergrad_mode}' is unknown; use one of {HYPERGRAD_MODES}.")
-        self.hypergrad_mode = hypergrad_mode
-        if meta_loss not in META_LOSSES:
-            raise ValueError(f"meta_loss='{meta_loss}' is unknown; use one of {META_LOSSES}.")
-        self.meta_loss = meta_loss
+        self.kd_scale = _choice('kd_scale', kd_scale, KD_SCALES)
+        self.hypergrad_mode = _choice('hypergrad_mode', hypergrad_mode, HYPERGRAD_MODES)
+        self.meta_loss = _choice('meta_loss', meta_loss, META_LOSSES)
         self.meta_autocast = meta_autocast
         self.meta_optimizer = _make_meta_optimizer(meta_optimizer, self.tau.learnable(), meta_lr)
 
@@ -176,7 +170,7 @@ class MKDTask(TrainingTask):
         if self.verbose:
             _logger.info(
                 f"MKDTask: tau_t={tau_t}, tau_s={tau_s} in [{tau_min}, {tau_max}], meta_interval={meta_interval}, "
-                f"meta_lr={meta_lr} ({meta_optimizer}), {'tied' if tie_temperatures else 'free'} temperatures, "
+                f"meta_lr={meta_lr} ({meta_optimizer}), {'tied' if self.tie_temperatures else 'free'} temperatures, "
                 f"{hypergrad_mode} hypergradient, {meta_loss} meta loss, task_weight={self.task_loss_weight}, "
                 f"distill_weight={self.distill_loss_weight}")
 
@@ -455,6 +449,12 @@ class MKDTask(TrainingTask):
             raise RuntimeError(
                 f"MKD temperatures differ across ranks (tau_t, tau_s per rank: {values}). Every rank must run "
                 f"the same number of optimizer updates; check for uneven data shards or per-rank skipped steps.")
+
+
+def _choice(name: str, value: str, choices: Tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name}='{value}' is unknown; use one of {choices}.")
+    return value
 
 
 def _resolve_loss_weights(task_loss_weight: Optional[float], distill_loss_weight: Optional[float]) -> Tuple[float, float]:

@@ -71,7 +71,12 @@ def load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
         FileNotFoundError: ``path`` does not exist (the message names it).
         ValueError: the file is corrupt, truncated, or holds no state dict.
     """
-    return clean_state_dict(_extract_state_dict(read_checkpoint(path), path))
+    return _state_dict_of(read_checkpoint(path), path)
+
+
+def _state_dict_of(checkpoint, path: str) -> Dict[str, torch.Tensor]:
+    """The model weights in what ``read_checkpoint`` returned, DDP ``module.`` prefixes removed."""
+    return clean_state_dict(_extract_state_dict(checkpoint, path))
 
 
 def training_normalization(checkpoint) -> Optional[Tuple[Sequence[float], Sequence[float]]]:
@@ -176,7 +181,7 @@ def build_teacher(
     elif isinstance(teacher, str):
         if checkpoint_path:
             checkpoint = read_checkpoint(checkpoint_path)  # read once: weights and recorded normalisation
-            state_dict = clean_state_dict(_extract_state_dict(checkpoint, checkpoint_path))
+            state_dict = _state_dict_of(checkpoint, checkpoint_path)
             model = create_model(teacher, pretrained=False, num_classes=num_classes, in_chans=in_chans)
             load_teacher_weights(model, state_dict, checkpoint_path, num_classes)
             model.to(device=device, dtype=dtype)
