@@ -24,6 +24,7 @@ meta batch and two forwards on the training batch.
 tests check the finite difference against (small models without fused attention only).
 """
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
@@ -120,6 +121,7 @@ def _buffer_copies(module: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 HYPERGRAD_MODES = ('shape', 'full')
+ESTIMATORS = ('lookahead', 'neumann', 'calibration')
 
 
 def _tau_grads(loss: torch.Tensor, taus) -> torch.Tensor:
@@ -239,29 +241,44 @@ def finite_difference_hypergradient(
     Returns:
         ``HyperGradient``.
     """
-    named = [(n, p, g) for n, p, g in optimizer_params(student, optimizer) if n in theta]
-    names = [n for n, _, _ in named]
-    current = [p for _, p, _ in named]
+    named, v, meta_loss_value = _meta_gradient(student, optimizer, theta, meta_input, meta_target, meta_autocast, meta_loss)
+    w = [lookahead_jacobian(optimizer, p, group).to(w_i.dtype) * w_i for (_, p, group), w_i in zip(named, v)]
+    return _directional_hypergradient(student, named, theta, w, batch, log_taus, kd_weight, fd_eps, kd_scale, mode,
+                                      meta_loss_value)
 
-    # v = grad of the meta loss at theta' (the real post-step parameters), via autograd.grad: .grad untouched.
+
+def _meta_gradient(student, optimizer, theta, meta_input, meta_target, meta_autocast, meta_loss):
+    """``v = grad L_meta(theta')`` (at least float32, zeros for unused parameters) via ``autograd.grad``: ``.grad`` untouched.
+
+    Returns:
+        ``(named, v, meta_loss_value)``: the optimizer's ``(name, param, group)`` triples present in ``theta``,
+        the gradient per parameter, and the detached meta loss.
+    """
+    named = [(n, p, g) for n, p, g in optimizer_params(student, optimizer) if n in theta]
+    current = [p for _, p, _ in named]
     autocast = meta_autocast() if meta_autocast is not None else contextlib.nullcontext()
     with replay_rng(None, meta_input.device), torch.enable_grad():
         with autocast:
             meta_logits = functional_call(student, _buffer_copies(student), (meta_input,))
         meta_loss_value = meta_loss_fn(meta_logits, meta_target, meta_loss)
         v = torch.autograd.grad(meta_loss_value, current, allow_unused=True)
-
-    w = []
-    for (_, p, group), v_i in zip(named, v):
-        if v_i is None:
-            v_i = torch.zeros_like(p)
-        # w in at least float32 (float64 stays float64): the perturbation must not round away.
+    # v in at least float32 (float64 stays float64): the perturbation must not round away.
+    out = []
+    for (_, p, _), v_i in zip(named, v):
         dtype = torch.promote_types(p.dtype, torch.float32)
-        w.append(lookahead_jacobian(optimizer, p, group).to(dtype) * v_i.to(dtype))
+        out.append(torch.zeros_like(p, dtype=dtype) if v_i is None else v_i.to(dtype))
+    return named, out, meta_loss_value.detach()
+
+
+def _directional_hypergradient(student, named, theta, w, batch, log_taus, kd_weight, fd_eps, kd_scale, mode,
+                               meta_loss_value) -> HyperGradient:
+    """``-grad_tau [w . g(theta, tau)]`` by a central finite difference of two forwards at ``theta +- e w``."""
+    names = [n for n, _, _ in named]
+    device = batch.input.device
     w_norm = torch.sqrt(sum((w_i.double() ** 2).sum() for w_i in w))
     if not torch.isfinite(w_norm) or w_norm == 0:
-        grad = torch.full((2,), float('nan') if not torch.isfinite(w_norm) else 0.0, device=meta_input.device)
-        return HyperGradient(grad=grad, meta_loss=float(meta_loss_value.detach()), epsilon=0.0)
+        grad = torch.full((2,), float('nan') if not torch.isfinite(w_norm) else 0.0, device=device)
+        return HyperGradient(grad=grad, meta_loss=float(meta_loss_value), epsilon=0.0)
     eps = fd_eps / float(w_norm)
 
     def perturbed(sign: float) -> Dict[str, torch.Tensor]:
@@ -270,7 +287,98 @@ def finite_difference_hypergradient(
     logits_plus = _student_logits(student, perturbed(+1.0), batch)
     logits_minus = _student_logits(student, perturbed(-1.0), batch)
     grad = -_kd_tau_grad(logits_plus, logits_minus, batch, log_taus, kd_weight, kd_scale, mode) / (2.0 * eps)
-    return HyperGradient(grad=grad, meta_loss=float(meta_loss_value.detach()), epsilon=eps)
+    return HyperGradient(grad=grad, meta_loss=float(meta_loss_value), epsilon=eps)
+
+
+def _train_gradient(student, params, batch, criterion, task_weight, log_taus, kd_weight, kd_scale):
+    """``grad_theta L_train`` at ``params`` on the training batch (training forward's RNG, copied buffers)."""
+    with replay_rng(batch.rng_state, batch.input.device), torch.enable_grad():
+        leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+        logits = functional_call(student, {**leaves, **_buffer_copies(student)}, (batch.input,))
+        tau_t, tau_s = (lt.detach().exp() for lt in log_taus)
+        loss = task_weight * criterion(logits, batch.target) + kd_weight * two_temperature_kd_loss(
+            logits, batch.teacher_logits, tau_t, tau_s, kd_scale)
+        return torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+
+
+def neumann_hypergradient(
+        student: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        theta: Dict[str, torch.Tensor],
+        batch: TrainBatch,
+        meta_input: torch.Tensor,
+        meta_target: torch.Tensor,
+        log_taus: Tuple[torch.Tensor, torch.Tensor],
+        kd_weight: float,
+        criterion: Callable,
+        task_weight: float,
+        terms: int = 5,
+        scale: float = 1.0,
+        fd_eps: float = 1e-2,
+        hvp_eps: float = 1e-2,
+        meta_autocast: Optional[Callable] = None,
+        kd_scale: str = 'student',
+        mode: str = 'full',
+        meta_loss: str = 'ce',
+) -> HyperGradient:
+    """Implicit-function hypergradient with a ``terms``-term Neumann series (Lorraine et al. 2020).
+
+    ``d L_meta / d tau = -v^T H^{-1} B`` with ``H^{-1} ~ s P sum_{k=0..K} (I - s H P)^k``, ``P`` the
+    optimizer's diagonal look-ahead Jacobian: ``w_0 = s P v``, ``w_{k+1} = w_k - s P H w_k``, then the
+    same finite difference as the one-step estimator along ``sum_k w_k``. Each ``H w`` is a central
+    finite difference of two training-batch gradients (no double backward). ``terms=0, scale=1`` is
+    the one-step estimator exactly. Parameters: as ``finite_difference_hypergradient``, plus the
+    training ``criterion`` and ``task_weight`` (the Hessian is that of the whole training loss).
+    """
+    named, v, meta_loss_value = _meta_gradient(student, optimizer, theta, meta_input, meta_target, meta_autocast,
+                                               meta_loss)
+    names = [n for n, _, _ in named]
+    jac = [lookahead_jacobian(optimizer, p, group).to(v_i.dtype) for (_, p, group), v_i in zip(named, v)]
+    w = [scale * j * v_i for j, v_i in zip(jac, v)]
+    total = [w_i.clone() for w_i in w]
+    current = {n: p.detach() for n, p, _ in named}
+    for _ in range(int(terms)):
+        norm = float(torch.sqrt(sum((w_i.double() ** 2).sum() for w_i in w)))
+        if not math.isfinite(norm) or norm == 0:
+            break
+        e = hvp_eps / norm
+        sides = []
+        for sign in (1.0, -1.0):
+            params = {n: (current[n].to(w_i.dtype) + sign * e * w_i).to(current[n].dtype) for n, w_i in zip(names, w)}
+            sides.append(_train_gradient(student, params, batch, criterion, task_weight, log_taus, kd_weight, kd_scale))
+        hw = [(gp - gm).to(w_i.dtype) / (2 * e) if gp is not None else torch.zeros_like(w_i)
+              for gp, gm, w_i in zip(sides[0], sides[1], w)]
+        w = [w_i - scale * j * h for w_i, j, h in zip(w, jac, hw)]
+        total = [t + w_i for t, w_i in zip(total, w)]
+    return _directional_hypergradient(student, named, theta, total, batch, log_taus, kd_weight, fd_eps, kd_scale,
+                                      mode, meta_loss_value)
+
+
+def calibration_hypergradient(
+        teacher_logits: torch.Tensor,
+        meta_target: torch.Tensor,
+        log_taus: Tuple[torch.Tensor, torch.Tensor],
+) -> HyperGradient:
+    """Gradient of the teacher's held-out NLL at its temperature, ``d CE(z_t / tau_t, y) / d log tau_t``.
+
+    The meta objective here is the quality of the KD *target* rather than a look-ahead of the
+    student: the teacher's softened distribution ``softmax(z_t / tau_t)`` on held-out meta data should
+    be the best available estimate of the class posterior (Menon et al. 2021, "A statistical perspective
+    on distillation": a student distils best from the teacher closest to the Bayes class-probabilities),
+    and within the temperature family the held-out NLL measures exactly that. The objective is convex in
+    ``1 / tau_t``, has one minimum, and needs one teacher forward on the meta batch. The student
+    temperature gets no gradient of its own (it follows ``tau_t`` when the temperatures are tied).
+
+    Returns:
+        ``HyperGradient`` with ``grad = [dNLL/dlog tau_t, 0]`` and the NLL as ``meta_loss``.
+    """
+    dtype = torch.promote_types(teacher_logits.dtype, torch.float32)
+    with torch.enable_grad():
+        log_tau_t = log_taus[0].detach().to(dtype).requires_grad_(True)
+        nll = meta_loss_fn(teacher_logits.detach().to(dtype) / log_tau_t.exp(), meta_target, 'ce')
+        (g,) = torch.autograd.grad(nll, log_tau_t)
+    grad = torch.stack([g, torch.zeros_like(g)])
+    return HyperGradient(grad=grad, meta_loss=float(nll.detach()), epsilon=0.0)
 
 
 def exact_hypergradient(

@@ -12,7 +12,8 @@ from timm.task import DistillationTeacher, TrainingTask
 from timm.utils import unwrap_model
 
 from .loss import KD_SCALES, META_LOSSES, two_temperature_kd_loss
-from .meta_step import HYPERGRAD_MODES, TrainBatch, capture_rng_state, finite_difference_hypergradient, optimizer_params
+from .meta_step import (ESTIMATORS, HYPERGRAD_MODES, TrainBatch, calibration_hypergradient, capture_rng_state,
+                        finite_difference_hypergradient, neumann_hypergradient, optimizer_params)
 from .teacher import build_teacher
 from .temperature import Temperatures
 
@@ -72,6 +73,13 @@ class MKDTask(TrainingTask):
         fd_eps: finite-difference step, relative to the norm of the look-ahead direction.
         kd_scale: ``'student'`` (``tau_s^2``, equals timm's ``T^2`` at equal temperatures) or ``'product'``
             (``tau_t * tau_s``); see ``timm_mkd.loss.two_temperature_kd_loss``.
+        estimator: how the meta step estimates ``d L_meta / d log tau``. ``'lookahead'``: the one-step look-ahead
+            hypergradient (finite difference, ``timm_mkd.meta_step.finite_difference_hypergradient``);
+            ``'neumann'``: implicit differentiation with a ``neumann_terms``-term Neumann series scaled by
+            ``neumann_scale`` (``neumann_hypergradient``); ``'calibration'``: the teacher's held-out NLL at its
+            temperature (``calibration_hypergradient``), one teacher forward per meta step.
+        neumann_terms: Hessian-vector products of the ``'neumann'`` estimator (2 training gradients each).
+        neumann_scale: step of the Neumann series relative to the optimizer's look-ahead Jacobian.
         hypergrad_mode: ``'full'`` (default): the plain one-step hypergradient, which also rewards a merely
             larger KD push (short-horizon bias); ``'shape'``: the meta step judges a temperature by the
             direction of the KD push it gives the student, with the push's size held fixed. See
@@ -113,6 +121,9 @@ class MKDTask(TrainingTask):
             kd_scale: str = 'student',
             hypergrad_mode: str = 'full',
             meta_loss: str = 'calibrated',
+            estimator: str = 'lookahead',
+            neumann_terms: int = 5,
+            neumann_scale: float = 1.0,
             student_mean: Optional[Sequence[float]] = None,
             student_std: Optional[Sequence[float]] = None,
             meta_autocast: Optional[Callable] = None,
@@ -148,6 +159,9 @@ class MKDTask(TrainingTask):
         self.kd_scale = _choice('kd_scale', kd_scale, KD_SCALES)
         self.hypergrad_mode = _choice('hypergrad_mode', hypergrad_mode, HYPERGRAD_MODES)
         self.meta_loss = _choice('meta_loss', meta_loss, META_LOSSES)
+        self.estimator = _choice('estimator', estimator, ESTIMATORS)
+        self.neumann_terms = int(neumann_terms)
+        self.neumann_scale = float(neumann_scale)
         self.meta_autocast = meta_autocast
         self.meta_optimizer = _make_meta_optimizer(meta_optimizer, self.tau.learnable(), meta_lr)
 
@@ -369,11 +383,7 @@ class MKDTask(TrainingTask):
             raise RuntimeError("meta_step needs a training forward and the pre-update parameters; call it through attach().")
         student = unwrap_model(self.trainable_module)
         meta_input, meta_target = self._next_meta_batch()
-        hyper = finite_difference_hypergradient(
-            student, self._optimizer, self._theta, self._last_batch, meta_input, meta_target,
-            (self.tau.log_tau_t, self.tau.log_tau_s), self.distill_loss_weight,
-            fd_eps=self.fd_eps, meta_autocast=self.meta_autocast, kd_scale=self.kd_scale,
-            mode=self.hypergrad_mode, meta_loss=self.meta_loss)
+        hyper = self._hypergradient(student, meta_input, meta_target)
         stats = torch.cat([hyper.grad.detach().to(torch.float64).reshape(2),
                            torch.tensor([hyper.meta_loss], dtype=torch.float64, device=hyper.grad.device)])
         stats = _average_across_ranks(stats)
@@ -411,6 +421,22 @@ class MKDTask(TrainingTask):
         for fn in self._callbacks:
             fn(dict(self.last_record))
         return self.last_record
+
+    def _hypergradient(self, student: nn.Module, meta_input: torch.Tensor, meta_target: torch.Tensor):
+        log_taus = (self.tau.log_tau_t, self.tau.log_tau_s)
+        if self.estimator == 'calibration':
+            with torch.no_grad():
+                input_kd = self.teacher.normalize_input(meta_input, self.student_mean, self.student_std)
+                teacher_logits = self.teacher(input_kd, return_features=False)
+            return calibration_hypergradient(teacher_logits, meta_target, log_taus)
+        common = dict(fd_eps=self.fd_eps, meta_autocast=self.meta_autocast, kd_scale=self.kd_scale,
+                      mode=self.hypergrad_mode, meta_loss=self.meta_loss)
+        args = (student, self._optimizer, self._theta, self._last_batch, meta_input, meta_target, log_taus,
+                self.distill_loss_weight)
+        if self.estimator == 'neumann':
+            return neumann_hypergradient(*args, criterion=self.criterion, task_weight=self.task_loss_weight,
+                                         terms=self.neumann_terms, scale=self.neumann_scale, **common)
+        return finite_difference_hypergradient(*args, **common)
 
     def _apply_meta_grad(self, grad: torch.Tensor) -> None:
         if self.tie_temperatures:
