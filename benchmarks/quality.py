@@ -75,6 +75,9 @@ def parse_args(argv=None):
     p.add_argument('--teacher-epochs', type=int, default=1)
     p.add_argument('--teacher-steps', type=int, default=160, help='cap on teacher updates (batch 128)')
     p.add_argument('--teacher-only', action='store_true', help='train / load the cached teacher and stop')
+    p.add_argument('--teacher-sha', default=None,
+                   help="--report: the teacher hash whose rows to tabulate (default: the cached teacher's; '' = rows "
+                        "from before teacher hashes were recorded)")
     p.add_argument('--meta-fraction', type=float, default=0.05)
     p.add_argument('--meta-batch-size', type=int, default=64)
     p.add_argument('--meta-interval', type=int, default=None, help="MKD meta interval (default: MKDTask's)")
@@ -131,13 +134,14 @@ def datasets(args):
 # ----------------------------------------------------------------------------------- teacher
 def get_teacher(args, teacher_train, eval_loader):
     """Train the teacher once (plain aug, no RandAugment / mixup) and cache it."""
-    path = os.path.join(cache_dir('bench'), f'teacher_{args.teacher}_e{args.teacher_epochs}_s{args.teacher_steps}_b128_f{args.meta_fraction}.pth')
+    path = teacher_path(args)
     model = teacher_model(args.teacher)
     meta = path + '.json'
     if os.path.isfile(path) and os.path.isfile(meta):
         model.load_state_dict(torch.load(path, map_location='cpu', weights_only=True))
         info = json.load(open(meta))
-        print(f'teacher {args.teacher} from cache {path}: top-1 {info["top1"]:.4f}', flush=True)
+        args.teacher_sha = file_sha(path)
+        print(f'teacher {args.teacher} from cache {path} (sha256 {args.teacher_sha}): top-1 {info["top1"]:.4f}', flush=True)
         return model.eval(), info
     torch.manual_seed(1000)
     np.random.seed(1000)
@@ -165,8 +169,20 @@ def get_teacher(args, teacher_train, eval_loader):
             'train_s': time.time() - t0, 'params_m': sum(p.numel() for p in model.parameters()) / 1e6}
     torch.save(model.state_dict(), path)
     json.dump(info, open(meta, 'w'))
+    args.teacher_sha = file_sha(path)
     print(f'teacher {args.teacher}: top-1 {top1:.4f} after {steps} steps ({info["train_s"]:.0f}s), cached at {path}', flush=True)
     return model.eval(), info
+
+
+def teacher_path(args):
+    return os.path.join(cache_dir('bench'), f'teacher_{args.teacher}_e{args.teacher_epochs}_s{args.teacher_steps}_b128_f{args.meta_fraction}.pth')
+
+
+def file_sha(path, n=8):
+    """First ``n`` hex digits of the file's sha256."""
+    import hashlib
+    with open(path, 'rb') as f:
+        return hashlib.sha256(f.read()).hexdigest()[:n]
 
 
 # ----------------------------------------------------------------------------------- student
@@ -298,8 +314,11 @@ def variant_name(args, sep=', '):
 
 def schedule_sig(args):
     net = f'cnn-w{args.cnn_width}' if getattr(args, 'student', 'vit') == 'cnn' else f'vit-d{args.depth}-w{args.dim}'
+    # The teacher's file hash: a teacher retrained on another machine differs (83.0% vs 83.9% top-1 seen), and
+    # rows distilled from different teachers must not be paired. Rows from before the hash have none.
+    sha = getattr(args, 'teacher_sha', '')
     return (f'{net}-{args.img_size}px/{args.steps}x{args.batch_size}/lr{args.lr:g}'
-            f'/{args.teacher}-s{args.teacher_steps}')
+            f'/{args.teacher}-s{args.teacher_steps}' + (f'-{sha}' if sha else ''))
 
 
 def read_rows(path):
@@ -448,6 +467,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     os.makedirs(RESULTS, exist_ok=True)
     if args.report:
+        if args.teacher_sha is None and os.path.isfile(teacher_path(args)):
+            args.teacher_sha = file_sha(teacher_path(args))
         report(args)
         return 0
     configs = CONFIGS

@@ -58,14 +58,15 @@ def test_full_mkd_command_line():
         '--mkd', '--teacher', 'resnet18', '--mkd-tau-t', '2', '--mkd-tau-s', '3', '--mkd-tau-min', '1',
         '--mkd-tau-max', '10', '--mkd-meta-interval', '5', '--mkd-meta-lr', '0.1', '--mkd-meta-data', '0.2',
         '--mkd-meta-batch-size', '16', '--mkd-temperatures', 'free', '--mkd-hypergrad', 'shape',
-        '--mkd-meta-loss', 'calibrated', '-b', '64')
+        '--mkd-meta-loss', 'calibrated', '--mkd-estimator', 'neumann', '-b', '64')
     assert opts.mkd and opts.teacher == 'resnet18'
     assert args.kd_model_name == 'resnet18'  # --teacher switches train.py into distillation
     assert (opts.tau_t, opts.tau_s, opts.tau_min, opts.tau_max) == (2.0, 3.0, 1.0, 10.0)
     assert (opts.meta_interval, opts.meta_lr, opts.meta_batch_size) == (5, 0.1, 16)
     assert opts.meta_data == MetaDataSpec('holdout', fraction=0.2)
     assert opts.task_kwargs() == dict(tau_t=2.0, tau_s=3.0, tau_min=1.0, tau_max=10.0, meta_interval=5, meta_lr=0.1,
-                                      tie_temperatures=False, hypergrad_mode='shape', meta_loss='calibrated')
+                                      tie_temperatures=False, hypergrad_mode='shape', meta_loss='calibrated',
+                                      estimator='neumann')
 
 
 def test_temperature_mode_flags_default_to_the_core():
@@ -74,7 +75,8 @@ def test_temperature_mode_flags_default_to_the_core():
     params = inspect.signature(MKDTask).parameters
     _, opts = parse('--mkd', '--teacher', 'resnet18')
     kw = opts.task_kwargs()
-    for key in ('tau_t', 'tau_s', 'tie_temperatures', 'hypergrad_mode', 'meta_loss', 'meta_interval', 'meta_lr'):
+    for key in ('tau_t', 'tau_s', 'tie_temperatures', 'hypergrad_mode', 'meta_loss', 'estimator', 'meta_interval',
+                'meta_lr'):
         assert kw[key] == params[key].default, key
     with pytest.raises(SystemExit):
         parse('--mkd', '--teacher', 'resnet18', '--mkd-temperatures', 'loose')

@@ -33,7 +33,7 @@ __all__ = [
 
 # Fallback defaults, used only when the core's MKDTask signature cannot be read (see _core_defaults).
 _FALLBACK_DEFAULTS = dict(tau_t=1.0, tau_s=1.0, tau_min=0.5, tau_max=20.0, meta_interval=20, meta_lr=0.02,
-                          tie_temperatures=True, hypergrad_mode='full', meta_loss='calibrated')
+                          tie_temperatures=True, hypergrad_mode='full', meta_loss='calibrated', estimator='lookahead')
 
 #: Default of ``--mkd-meta-data``: hold out 5% of the training split.
 DEFAULT_META_DATA = '0.05'
@@ -75,6 +75,7 @@ MKD_DESTS: Dict[str, Any] = {
     'mkd_temperatures': 'tied' if MKD_DEFAULTS['tie_temperatures'] else 'free',
     'mkd_hypergrad': MKD_DEFAULTS['hypergrad_mode'],
     'mkd_meta_loss': MKD_DEFAULTS['meta_loss'],
+    'mkd_estimator': MKD_DEFAULTS['estimator'],
     'mkd_meta_data': DEFAULT_META_DATA,
     'mkd_meta_batch_size': None,
 }
@@ -153,6 +154,13 @@ def add_mkd_args(parser_or_group) -> None:
              'at the batch\'s best single logit scale, blind to over- or under-confidence, so the meta step '
              f'follows ranking (top-1) rather than calibration (default: {d["mkd_meta_loss"]}).')
     group.add_argument(
+        '--mkd-estimator', default=d['mkd_estimator'], choices=('lookahead', 'neumann', 'calibration'),
+        help='How the meta step estimates the temperature gradient. calibration: the teacher\'s held-out NLL at '
+             'its temperature (the KD target closest to the class posterior; one teacher forward per meta step); '
+             'lookahead: the student\'s meta loss after a one-step look-ahead (drifts upward: it sees only the '
+             'next step); neumann: implicit differentiation, 5 Hessian-vector products per meta step '
+             f'(default: {d["mkd_estimator"]}).')
+    group.add_argument(
         '--mkd-meta-data', default=d['mkd_meta_data'], type=str, metavar='SOURCE',
         help='Where meta batches come from: a fraction such as 0.05 (hold out that share of the '
              'training split; those samples leave training), split:NAME (another split of --dataset), '
@@ -227,6 +235,7 @@ class MKDOptions:
     tie_temperatures: bool
     hypergrad_mode: str
     meta_loss: str
+    estimator: str
     meta_data: Optional[MetaDataSpec]
     meta_batch_size: Optional[int]
 
@@ -235,7 +244,8 @@ class MKDOptions:
         return dict(
             tau_t=self.tau_t, tau_s=self.tau_s, tau_min=self.tau_min, tau_max=self.tau_max,
             meta_interval=self.meta_interval, meta_lr=self.meta_lr,
-            tie_temperatures=self.tie_temperatures, hypergrad_mode=self.hypergrad_mode, meta_loss=self.meta_loss)
+            tie_temperatures=self.tie_temperatures, hypergrad_mode=self.hypergrad_mode, meta_loss=self.meta_loss,
+            estimator=self.estimator)
 
 
 def mkd_flags_in_use(args: argparse.Namespace) -> Sequence[str]:
@@ -339,7 +349,8 @@ def validate_mkd_args(args: argparse.Namespace) -> Optional[MKDOptions]:
             tau_t=args.mkd_tau_t, tau_s=args.mkd_tau_s, tau_min=args.mkd_tau_min,
             tau_max=args.mkd_tau_max, meta_interval=args.mkd_meta_interval,
             meta_lr=args.mkd_meta_lr, tie_temperatures=args.mkd_temperatures == 'tied',
-            hypergrad_mode=args.mkd_hypergrad, meta_loss=args.mkd_meta_loss, meta_data=None, meta_batch_size=None)
+            hypergrad_mode=args.mkd_hypergrad, meta_loss=args.mkd_meta_loss, estimator=args.mkd_estimator,
+            meta_data=None, meta_batch_size=None)
 
     distill_type = get('kd_distill_type', 'logit')
     if distill_type != 'logit':
@@ -410,4 +421,5 @@ def validate_mkd_args(args: argparse.Namespace) -> Optional[MKDOptions]:
         tau_t=tau_t, tau_s=tau_s, tau_min=tau_min, tau_max=tau_max,
         meta_interval=args.mkd_meta_interval, meta_lr=args.mkd_meta_lr,
         tie_temperatures=args.mkd_temperatures == 'tied', hypergrad_mode=args.mkd_hypergrad,
-        meta_loss=args.mkd_meta_loss, meta_data=spec, meta_batch_size=args.mkd_meta_batch_size)
+        meta_loss=args.mkd_meta_loss, estimator=args.mkd_estimator, meta_data=spec,
+        meta_batch_size=args.mkd_meta_batch_size)

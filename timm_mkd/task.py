@@ -349,13 +349,14 @@ class MKDTask(TrainingTask):
         self._callbacks.append(fn)
 
     def _before_update(self, optimizer, args, kwargs) -> None:
-        if (self.updates + 1) % self.meta_interval == 0:
+        # The calibration estimator needs no look-ahead, so no snapshot of the parameters.
+        if (self.updates + 1) % self.meta_interval == 0 and self.estimator != 'calibration':
             student = unwrap_model(self.trainable_module)
             self._theta = {n: p.detach().clone() for n, p, _ in optimizer_params(student, optimizer)}
 
     def _after_update(self, optimizer, args, kwargs) -> None:
         self.updates += 1
-        if self.updates % self.meta_interval == 0 and self._theta is not None:
+        if self.updates % self.meta_interval == 0 and (self._theta is not None or self.estimator == 'calibration'):
             try:
                 self.meta_step()
             finally:
@@ -379,7 +380,7 @@ class MKDTask(TrainingTask):
         Returns:
             The record passed to meta callbacks: step, tau_t, tau_s, meta_loss, hypergrad_t, hypergrad_s, skipped.
         """
-        if self._last_batch is None or self._theta is None:
+        if self._last_batch is None or (self._theta is None and self.estimator != 'calibration'):
             raise RuntimeError("meta_step needs a training forward and the pre-update parameters; call it through attach().")
         student = unwrap_model(self.trainable_module)
         meta_input, meta_target = self._next_meta_batch()
