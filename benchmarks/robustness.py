@@ -18,7 +18,7 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from quality import RESULTS, read_rows  # noqa: E402
+from quality import RESULTS, file_sha, parse_args as quality_args, read_rows, teacher_path  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -27,6 +27,8 @@ def parse_args(argv=None):
     p.add_argument('--studies', nargs='+', default=['', '_cnn'], help="CSV suffixes: '' (ViT), '_cnn'")
     p.add_argument('--variant', default='defaults', help="MKD rows whose 'variant' equals this")
     p.add_argument('--meta-interval', default=None, help='MKD rows with this meta interval only')
+    p.add_argument('--teacher-sha', default=None,
+                   help="rows distilled from this teacher only (default: the cached teacher's hash, see quality.py)")
     p.add_argument('--out', default=None)
     return p.parse_args(argv)
 
@@ -62,10 +64,14 @@ def main(argv=None):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     from timm_mkd.plot import read_temperatures
+    if a.teacher_sha is None:
+        path = teacher_path(quality_args([]))
+        a.teacher_sha = file_sha(path) if os.path.isfile(path) else ''
     fig, axes = plt.subplots(2, len(a.studies), figsize=(5.5 * len(a.studies), 7), squeeze=False)
     for col, suffix in enumerate(a.studies):
         base = 'quality' + ('_tune' if a.tune else '') + suffix
-        rows = read_rows(os.path.join(RESULTS, base + '.csv'))
+        rows = [r for r in read_rows(os.path.join(RESULTS, base + '.csv'))
+                if not a.teacher_sha or r['schedule'].endswith('-' + a.teacher_sha)]
         kd = [r for r in rows if r['method'] == 'kd']
         mkd = [r for r in rows if r['method'] == 'mkd' and r['variant'] == a.variant
                and (a.meta_interval is None or r['meta_interval'] == a.meta_interval)]
