@@ -192,3 +192,32 @@ def test_neumann_without_terms_is_the_one_step_estimate():
     neu = neumann_hypergradient(*args, task.criterion, task.task_loss_weight, terms=0, scale=1.0,
                                 meta_loss='calibrated').grad
     assert torch.allclose(one, neu, rtol=1e-9, atol=0)
+
+
+def test_calibration_gradient_vanishes_at_the_teachers_calibrated_temperature():
+    """The calibration estimator's zero is the temperature that minimises the teacher's held-out NLL
+    (found independently by a grid), it points towards it from above and below, and rows with
+    non-finite teacher logits are left out."""
+    from timm_mkd.meta_step import calibration_hypergradient
+    torch.manual_seed(0)
+    teacher = SmallCNN(width=16, drop=0.0).double().eval()
+    opt = torch.optim.AdamW(teacher.parameters(), lr=3e-3)
+    x, y = fmnist_batches(256, dtype=torch.float64)
+    for _ in range(30):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(teacher.train()(x), y).backward()
+        opt.step()
+    xm, ym = fmnist_batches(256, offset=3000, dtype=torch.float64)
+    with torch.no_grad():
+        z = teacher.eval()(xm)
+    grid = torch.linspace(-1.5, 1.5, 3001, dtype=torch.float64)
+    nll = torch.stack([torch.nn.functional.cross_entropy(z / t.exp(), ym) for t in grid])
+    best = grid[nll.argmin()]
+    g = lambda lt: calibration_hypergradient(z, ym, (torch.tensor(lt), torch.tensor(0.0))).grad
+    assert abs(float(g(float(best))[0])) < 1e-3
+    assert float(g(float(best) + 0.5)[0]) > 0 and float(g(float(best) - 0.5)[0]) < 0
+    assert float(g(0.3)[1]) == 0.0
+    z_bad = z.clone()
+    z_bad[:7] = float('nan')
+    ref = calibration_hypergradient(z[7:], ym[7:], (torch.tensor(0.3), torch.tensor(0.0))).grad
+    assert torch.allclose(calibration_hypergradient(z_bad, ym, (torch.tensor(0.3), torch.tensor(0.0))).grad, ref)

@@ -32,8 +32,8 @@ __all__ = [
 ]
 
 # Fallback defaults, used only when the core's MKDTask signature cannot be read (see _core_defaults).
-_FALLBACK_DEFAULTS = dict(tau_t=1.0, tau_s=1.0, tau_min=0.5, tau_max=20.0, meta_interval=20, meta_lr=0.02,
-                          tie_temperatures=True, hypergrad_mode='full', meta_loss='calibrated', estimator='lookahead')
+_FALLBACK_DEFAULTS = dict(tau_t=1.0, tau_s=1.0, tau_min=0.5, tau_max=20.0, meta_interval=10, meta_lr=0.1,
+                          tie_temperatures=True, hypergrad_mode='full', meta_loss='calibrated', estimator='calibration')
 
 #: Default of ``--mkd-meta-data``: hold out 5% of the training split.
 DEFAULT_META_DATA = '0.05'

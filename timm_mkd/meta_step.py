@@ -30,9 +30,10 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.func import functional_call
 
-from .loss import kd_logit_grad_norm, meta_loss_fn, two_temperature_kd_loss
+from .loss import _is_soft, kd_logit_grad_norm, meta_loss_fn, two_temperature_kd_loss
 
 
 @dataclass
@@ -373,9 +374,16 @@ def calibration_hypergradient(
         ``HyperGradient`` with ``grad = [dNLL/dlog tau_t, 0]`` and the NLL as ``meta_loss``.
     """
     dtype = torch.promote_types(teacher_logits.dtype, torch.float32)
+    z = teacher_logits.detach().to(dtype)
+    # Rows whose teacher logits are not finite (fp16 overflow) are left out, as in the KD loss; no host sync.
+    finite = torch.isfinite(z).all(dim=-1)
+    z = torch.where(finite[:, None], z, torch.zeros_like(z))
     with torch.enable_grad():
         log_tau_t = log_taus[0].detach().to(dtype).requires_grad_(True)
-        nll = meta_loss_fn(teacher_logits.detach().to(dtype) / log_tau_t.exp(), meta_target, 'ce')
+        log_p = F.log_softmax(z / log_tau_t.exp(), dim=-1)
+        target = meta_target.to(dtype) if _is_soft(meta_target, z) else F.one_hot(meta_target, z.shape[-1]).to(dtype)
+        rows = -(target * log_p).sum(-1)
+        nll = torch.where(finite, rows, torch.zeros_like(rows)).sum() / finite.sum()  # NaN when no row is finite
         (g,) = torch.autograd.grad(nll, log_tau_t)
     grad = torch.stack([g, torch.zeros_like(g)])
     return HyperGradient(grad=grad, meta_loss=float(nll.detach()), epsilon=0.0)

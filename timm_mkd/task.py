@@ -73,11 +73,14 @@ class MKDTask(TrainingTask):
         fd_eps: finite-difference step, relative to the norm of the look-ahead direction.
         kd_scale: ``'student'`` (``tau_s^2``, equals timm's ``T^2`` at equal temperatures) or ``'product'``
             (``tau_t * tau_s``); see ``timm_mkd.loss.two_temperature_kd_loss``.
-        estimator: how the meta step estimates ``d L_meta / d log tau``. ``'lookahead'``: the one-step look-ahead
-            hypergradient (finite difference, ``timm_mkd.meta_step.finite_difference_hypergradient``);
-            ``'neumann'``: implicit differentiation with a ``neumann_terms``-term Neumann series scaled by
-            ``neumann_scale`` (``neumann_hypergradient``); ``'calibration'``: the teacher's held-out NLL at its
-            temperature (``calibration_hypergradient``), one teacher forward per meta step.
+        estimator: what the meta step follows. ``'calibration'`` (default): the teacher's held-out NLL at its
+            temperature (``timm_mkd.meta_step.calibration_hypergradient``; one teacher forward per meta step), whose
+            single minimum the temperature reaches from above and below. ``'lookahead'``: the student's meta loss
+            after a one-step look-ahead (``finite_difference_hypergradient``); exact for the next step, but the
+            next step always favours a higher temperature, so it drifts up from any start
+            (``benchmarks/horizon.py``); use it with ``meta_interval=20, meta_lr=0.02``. ``'neumann'``: implicit
+            differentiation with a ``neumann_terms``-term Neumann series scaled by ``neumann_scale``
+            (``neumann_hypergradient``); a longer horizon in principle, the same upward sign measured.
         neumann_terms: Hessian-vector products of the ``'neumann'`` estimator (2 training gradients each).
         neumann_scale: step of the Neumann series relative to the optimizer's look-ahead Jacobian.
         hypergrad_mode: ``'full'`` (default): the plain one-step hypergradient, which also rewards a merely
@@ -114,14 +117,14 @@ class MKDTask(TrainingTask):
             learn_tau_t: bool = True,
             learn_tau_s: bool = True,
             tie_temperatures: bool = True,
-            meta_interval: int = 20,
-            meta_lr: float = 0.02,
+            meta_interval: int = 10,
+            meta_lr: float = 0.1,
             meta_optimizer: str = 'adam',
             fd_eps: float = 1e-2,
             kd_scale: str = 'student',
             hypergrad_mode: str = 'full',
             meta_loss: str = 'calibrated',
-            estimator: str = 'lookahead',
+            estimator: str = 'calibration',
             neumann_terms: int = 5,
             neumann_scale: float = 1.0,
             student_mean: Optional[Sequence[float]] = None,
