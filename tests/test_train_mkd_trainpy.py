@@ -264,6 +264,26 @@ def test_resume_continues_with_saved_temperatures(mkd_run, train_py, data_root, 
           f'tau_t={float(rows[-1]["tau_t"]):.4f} tau_s={float(rows[-1]["tau_s"]):.4f}')
 
 
+def test_resume_right_after_the_last_batch_of_a_meta_epoch(train_py, data_root, workdir, teacher_ckpt):
+    """A meta set of exactly one meta batch: every checkpoint saves the position after a pass's last batch.
+
+    The resumed run used to restore that position as an empty pass, and timm's PrefetchLoader (train.py's
+    default) before 1.0.31 dies on an empty loader at the first meta step (UnboundLocalError).
+    """
+    flags = mkd_flags(teacher_ckpt, meta='0.1', meta_bs=40)  # 40 held-out images, one meta batch of 40
+    ok(run_mkd(train_py, base_args(data_root, workdir / 'out', 'meta_end') + flags, cwd=workdir))
+    import torch
+    saved = torch.load(workdir / 'out' / 'meta_end' / 'last.pth.tar', map_location='cpu', weights_only=False)
+    meta_state = saved['task_state']['mkd']['meta_data']
+    assert meta_state['position'] == 1 and meta_state['batch_size'] == 40  # the pass was used up
+    result = ok(run_mkd(train_py, base_args(data_root, workdir / 'out', 'meta_end_resumed', epochs=2) + flags + [
+        '--resume', str(workdir / 'out' / 'meta_end' / 'last.pth.tar')], cwd=workdir))
+    assert 'MKD: resumed temperatures' in result.log
+    steps = read_csv(workdir / 'out' / 'meta_end_resumed' / 'temperatures.csv')
+    assert [int(r['step']) for r in steps] == list(range(12, 23, 2))  # 11 updates per epoch, every 2nd
+    assert_mkd_summary(workdir / 'out' / 'meta_end_resumed', epochs=1)
+
+
 def test_yaml_config_sets_mkd_flags(train_py, data_root, workdir, teacher_ckpt):
     cfg = workdir / 'mkd.yaml'
     cfg.write_text(
