@@ -553,7 +553,10 @@ class MKDRun:
                 teacher = build_teacher(
                     teacher_name, student, checkpoint_path=self.opts.teacher_checkpoint,
                     device=device, dtype=dtype, student_mean=mean, student_std=std)
-            return _cpu_ddp_safe(original(**dict(kw, teacher_model=teacher)))
+            task = original(**dict(kw, teacher_model=teacher))
+            from timm_mkd.teacher import match_student_normalization
+            match_student_normalization(task, student, mean, std)  # the loader's --mean/--std, --in-chans
+            return _cpu_ddp_safe(task)
         except (ValueError, FileNotFoundError, OSError, RuntimeError, TypeError, KeyError) as e:
             raise MKDSetupError(f'cannot set up {what} with the {source}: {e}') from e
 

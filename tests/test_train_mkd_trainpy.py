@@ -325,21 +325,60 @@ def test_meta_data_sources(train_py, data_root, workdir, teacher_ckpt, name, met
         assert len(read_csv(workdir / 'out' / name / 'temperatures.csv')) == 12 // 2
 
 
-@pytest.mark.parametrize('distill_type, expect', [
-    ('logit', 'LogitDistillationTask: loss_type=kl, temperature=4.0'),
-    ('feature', 'FeatureDistillationTask: student_dim=512, teacher_dim=512'),
-])
-def test_plain_kd_with_local_teacher_checkpoint(train_py, data_root, workdir, teacher_ckpt, distill_type, expect):
+DEIT = ['--model', 'deit_tiny_distilled_patch16_224', '--model-kwargs', 'img_size=32', 'patch_size=8', 'depth=1',
+        'embed_dim=64', 'num_heads=2']
+#: The quickstart's Fashion-MNIST flags: one channel, its own statistics.
+GRAY = ['--in-chans', '1', '--input-size', '1', '32', '32', '--mean', '0.2860', '--std', '0.3530']
+
+
+def gray_args(data_root, out, name, model='resnet10t', epochs=1):
+    """``base_args`` on 1-channel images normalised with Fashion-MNIST's mean and std."""
+    args = base_args(data_root, out, name, model=model, epochs=epochs)
+    at = args.index('--input-size')
+    return args[:at] + args[at + 4:] + GRAY
+
+
+@pytest.fixture(scope='module')
+def gray_teacher_ckpt(train_py, data_root, workdir):
+    """A 1-channel resnet18 teacher trained by timm's own train.py."""
+    ok(run([sys.executable, train_py] + gray_args(data_root, workdir / 'out', 'teacher_gray', model='resnet18'),
+           cwd=workdir))
+    return str(workdir / 'out' / 'teacher_gray' / 'last.pth.tar')
+
+
+KD_TYPES = [
+    ('logit', [], 'LogitDistillationTask: loss_type=kl, temperature=4.0'),
+    ('feature', [], 'FeatureDistillationTask: student_dim=512, teacher_dim=512'),
+    ('token', DEIT, 'TokenDistillationTask'),
+]
+
+
+@pytest.mark.parametrize('distill_type, model, expect', KD_TYPES)
+def test_plain_kd_with_local_teacher_checkpoint(train_py, data_root, workdir, teacher_ckpt, distill_type, model,
+                                                expect):
     """--teacher-checkpoint without --mkd: timm's own distillation task with the local teacher."""
     name = f'kd_{distill_type}'
-    result = ok(run_mkd(train_py, base_args(data_root, workdir / 'out', name) + [
-        '--teacher', 'resnet18', '--teacher-checkpoint', teacher_ckpt, '--kd-distill-type', distill_type],
-        cwd=workdir))
+    result = ok(run_mkd(train_py, base_args(data_root, workdir / 'out', name, model=None if model else 'resnet10t')
+                        + model + ['--teacher', 'resnet18', '--teacher-checkpoint', teacher_ckpt,
+                                   '--kd-distill-type', distill_type], cwd=workdir))
     assert f"Loaded KD teacher 'resnet18' from '{teacher_ckpt}'" in result.log
     assert expect in result.log
     row = read_csv(workdir / 'out' / name / 'summary.csv')[0]
     assert 'tau_t' not in row
     assert not (workdir / 'out' / name / 'temperatures.csv').exists()
+
+
+@pytest.mark.parametrize('distill_type, model, expect', KD_TYPES)
+def test_plain_kd_on_one_channel_data(train_py, data_root, workdir, gray_teacher_ckpt, distill_type, model, expect):
+    """The quickstart's 1-channel flags with plain KD: timm's tasks took the student's normalisation from
+    its pretrained_cfg (3 ImageNet values) and fed the teacher a 3-channel batch at the first step."""
+    name = f'kd_gray_{distill_type}'
+    result = ok(run_mkd(train_py, gray_args(data_root, workdir / 'out', name, model=None if model else 'resnet10t')
+                        + model + ['--teacher', 'resnet18', '--teacher-checkpoint', gray_teacher_ckpt,
+                                   '--kd-distill-type', distill_type], cwd=workdir))
+    assert expect in result.log
+    row = read_csv(workdir / 'out' / name / 'summary.csv')[0]
+    assert math.isfinite(float(row['train_loss'])) and 'tau_t' not in row
 
 
 def test_torchrun_two_processes(train_py, data_root, workdir, teacher_ckpt):
