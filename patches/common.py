@@ -29,6 +29,10 @@ replacement sees exactly the arguments train.py passes):
     to learn the output folder (``temperatures.csv``) and to add ``tau_t``, ``tau_s``,
     ``kd_loss``, ``meta_loss``, ``meta_skipped`` columns to ``summary.csv``.
 
+One fix outside train.py, applied whatever the flags: when the installed Pillow refuses to
+posterize to 0 bits (Pillow >= 13), timm's posterize augmentation ops get the old result for 0 bits
+(``timm_mkd.augment_compat``), so DeiT-style ``rand-m9-mstd0.5-inc1`` recipes do not crash.
+
 Without ``--mkd`` / ``--teacher-checkpoint`` every replacement passes straight through, so the
 run is train.py's own (``args.yaml`` included: the MKD keys are left out of it).
 
@@ -363,6 +367,7 @@ class MKDRun:
         self.epoch_stats = None
         self._kd_sum = None
         self._kd_count = 0
+        self.posterize_fixed = False
         self.originals: Dict[str, Any] = {}
 
     # ------------------------------------------------------------------ helpers
@@ -384,6 +389,8 @@ class MKDRun:
     def install(cls, module, generation: str) -> 'MKDRun':
         """Apply every patch to the loaded train.py ``module`` (the same set for each generation)."""
         run = cls(module, generation)
+        from timm_mkd.augment_compat import fix_posterize_zero_bits
+        run.posterize_fixed = fix_posterize_zero_bits()  # before train.py builds its transforms
         run.add_flags()
         run.patch_parse_args()
         run.patch_create_dataset()
@@ -409,6 +416,11 @@ class MKDRun:
         def factory(original):
             def _parse_args():
                 args, args_text = original()
+                if self.posterize_fixed and getattr(args, 'aa', None) and os.environ.get('RANK', '0') == '0':
+                    _logger.info(
+                        'train_mkd: the installed Pillow refuses to posterize to 0 bits, which timm\'s '
+                        'RandAugment asks for at magnitude 10 (PosterizeIncreasing); timm_mkd.augment_compat '
+                        'gives the black image older Pillow gave instead')
                 try:
                     opts = validate_mkd_args(args)
                 except MKDArgumentError as e:
