@@ -456,6 +456,39 @@ def test_errors(train_py, data_root, workdir, teacher_ckpt, name, extra, words, 
     assert not (workdir / 'errors' / name).exists()
 
 
+# ------------------------------------------------------------------------------------------------
+# run-time hook checks: a train.py whose structure passes the probes but where a patch does not take
+# effect stops with the hook's name before any checkpoint is written
+# ------------------------------------------------------------------------------------------------
+
+#: One line put at the top of main() of a copy of train.py, and the hook it defeats.
+DEFEATS = {
+    'task': 'global LogitDistillationTask; LogitDistillationTask = lambda student_model, teacher_model, **kw: '
+            '__import__("timm.task", fromlist=["x"]).ClassificationTask(student_model, criterion=kw["criterion"], '
+            'device=kw["device"], dtype=kw["dtype"])',
+    'meta step': 'global create_optimizer_v2; from timm.optim import create_optimizer_v2',
+    'checkpoint': 'global utils; import timm.utils as utils',
+    'summary columns': 'utils.update_summary = __import__("timm.utils", fromlist=["x"]).update_summary',
+}
+
+
+@pytest.mark.parametrize('hook', list(DEFEATS))
+def test_hook_that_did_not_take_effect_stops_the_run(train_py, data_root, workdir, teacher_ckpt, tmp_path, hook):
+    with open(train_py) as f:
+        text = f.read()
+    assert text.count('\ndef main():\n') == 1
+    edited = tmp_path / 'train.py'
+    edited.write_text(text.replace('\ndef main():\n', '\ndef main():\n    ' + DEFEATS[hook] + '\n'))
+    name = 'hook_' + hook.replace(' ', '_')
+    result = run_mkd(str(edited), base_args(data_root, workdir / 'out', name) + mkd_flags(teacher_ckpt), cwd=workdir)
+    assert result.returncode == 1, result.log[-4000:]
+    assert 'not a train.py file of a known timm release' in result.stderr  # it passed the structure probes
+    last = result.stderr.strip().splitlines()
+    message = next(l for l in last if l.startswith('train_mkd.py: error:'))
+    assert f'the {hook} hook of train_mkd.py did not take effect' in message and 'Fix:' in message
+    assert not list((workdir / 'out' / name).glob('*.pth.tar'))
+
+
 @pytest.mark.slow
 def test_torchcompile(train_py, data_root, workdir, teacher_ckpt):
     """--torchcompile (inductor on CPU: about a minute of compilation)."""
