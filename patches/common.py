@@ -824,6 +824,19 @@ class MKDRun:
             self._hook_failed('summary columns', f'summary.csv of epoch {epoch} was not written through '
                                                  f'utils.update_summary, so it lacks tau_t, tau_s, kd_loss and meta_loss')
 
+    def forget_steps_after_resume(self, path: str) -> None:
+        """Drop the meta steps an earlier run in this folder logged after the update this run starts from.
+
+        train.py reuses the folder of ``--experiment``, and timm 1.0.31's ``--resume auto`` resumes in
+        place: the rows the earlier run wrote after its checkpoint (until it was killed or ended)
+        would otherwise be followed by the same steps logged again, and a fresh run (0 updates)
+        would continue another run's log.
+        """
+        dropped = drop_logged_steps_after(path, self.task.updates)
+        if dropped:
+            _logger.info(f'MKD: dropped {dropped} meta steps after update {self.task.updates} from {path} '
+                         f'(logged by an earlier run in this folder)')
+
     def patch_utils(self) -> None:
         """Install the ``utils`` proxy with the CheckpointSaver and update_summary overrides."""
         base = self.module.utils
@@ -838,6 +851,8 @@ class MKDRun:
                 from timm_mkd.meta_log import TemperatureLog
                 out = kw.get('checkpoint_dir')
                 if out:
+                    if run.is_primary():
+                        run.forget_steps_after_resume(os.path.join(out, 'temperatures.csv'))
                     run.temp_log = TemperatureLog.in_dir(out, enabled=run.is_primary())
             return saver
 
@@ -856,6 +871,41 @@ class MKDRun:
         proxy.update_summary = update_summary
         self.originals['utils'] = base
         self.module.utils = proxy
+
+
+def drop_logged_steps_after(path: str, updates: int) -> int:
+    """Remove the rows of ``temperatures.csv`` at ``path`` whose ``step`` is beyond ``updates``.
+
+    A torn last row (a killed writer) goes too. The file is replaced atomically; a missing file
+    or one without a ``step`` column is left alone (``TemperatureLog`` refuses a foreign header).
+
+    Args:
+        path: the ``temperatures.csv`` of the output folder.
+        updates: optimizer updates the run starts from (0 for a fresh run).
+
+    Returns:
+        The number of rows removed.
+    """
+    if not os.path.isfile(path):
+        return 0
+    with open(path, newline='') as f:
+        lines = f.read().splitlines(keepends=True)
+    columns = lines[0].strip().split(',') if lines else []
+    if 'step' not in columns:
+        return 0
+    at = columns.index('step')
+    keep = [lines[0]]
+    for line in lines[1:]:
+        fields = line.rstrip('\r\n').split(',')
+        if line.endswith('\n') and len(fields) == len(columns) and fields[at].isdigit() and int(fields[at]) <= updates:
+            keep.append(line)
+    if len(keep) == len(lines):
+        return 0
+    tmp = path + '.tmp'
+    with open(tmp, 'w', newline='') as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+    return len(lines) - len(keep)
 
 
 def write_summary_row(epoch, train_metrics, eval_metrics, filename, lr=None, write_header=None,

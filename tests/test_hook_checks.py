@@ -108,3 +108,35 @@ def test_summary_without_mkd_columns_is_stopped_before_the_checkpoint(tmp_path):
     assert 'Fix: use the unmodified train.py' in str(e.value)
     assert s.checkpoints() == []
 
+
+# ------------------------------------------------------------------ a run going on in an earlier run's folder
+
+def _log_steps(path_dir, steps, torn=False):
+    from timm_mkd.meta_log import TemperatureLog
+    log = TemperatureLog.in_dir(str(path_dir), enabled=True)
+    for step in steps:
+        log.record({'step': step, 'epoch': step // 11, 'tau_t': 1.0, 'tau_s': 1.0, 'meta_loss': 2.0,
+                    'hypergrad_t': 0.0, 'hypergrad_s': 0.0, 'skipped': 0})
+    log.close()
+    if torn:
+        with open(path_dir / 'temperatures.csv', 'a') as f:
+            f.write('24,2,1.0')  # a kill mid-write
+
+
+@pytest.mark.parametrize('updates, kept', [(11, [2, 4, 6, 8, 10]), (0, []), (30, list(range(2, 23, 2)))])
+def test_steps_after_the_resumed_update_are_dropped(tmp_path, updates, kept):
+    """In-place resume (train.py reuses --experiment's folder; timm 1.0.31: --resume auto) from update
+    ``updates``: the earlier run's rows after it would be logged twice; a fresh run (0) starts a new log."""
+    import csv
+    from timm_mkd.meta_log import TemperatureLog
+    _log_steps(tmp_path, range(2, 23, 2), torn=True)
+    run = Setup(tmp_path).run
+    run.task.updates = updates
+    run.forget_steps_after_resume(str(tmp_path / 'temperatures.csv'))
+    with open(tmp_path / 'temperatures.csv') as f:
+        assert [int(r['step']) for r in csv.DictReader(f)] == kept
+    log = TemperatureLog.in_dir(str(tmp_path), enabled=True)  # the resumed run appends to what is left
+    log.record({'step': updates + 2})
+    log.close()
+    with open(tmp_path / 'temperatures.csv') as f:
+        assert [int(r['step']) for r in csv.DictReader(f)] == kept + [updates + 2]

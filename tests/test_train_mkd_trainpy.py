@@ -284,6 +284,19 @@ def test_resume_right_after_the_last_batch_of_a_meta_epoch(train_py, data_root, 
     assert_mkd_summary(workdir / 'out' / 'meta_end_resumed', epochs=1)
 
 
+def test_resume_in_place_logs_each_meta_step_once(train_py, data_root, workdir, teacher_ckpt):
+    """train.py reuses the folder of --experiment; resuming there (as timm 1.0.31's --resume auto does) from
+    the epoch-0 checkpoint of a 2-epoch run re-does epoch 1: temperatures.csv must not hold its steps twice."""
+    args = base_args(data_root, workdir / 'out', 'inplace', epochs=2) + mkd_flags(teacher_ckpt)
+    ok(run_mkd(train_py, args, cwd=workdir))
+    outdir = workdir / 'out' / 'inplace'
+    epoch0 = workdir / 'inplace-epoch0.pth.tar'
+    shutil.copy(outdir / 'checkpoint-0.pth.tar', epoch0)
+    result = ok(run_mkd(train_py, args + ['--resume', str(epoch0)], cwd=workdir))
+    assert 'dropped 6 meta steps after update 11' in result.log  # epoch 1's steps 12..22 of the first run
+    assert [int(r['step']) for r in read_csv(outdir / 'temperatures.csv')] == list(range(2, 23, 2))
+
+
 def test_yaml_config_sets_mkd_flags(train_py, data_root, workdir, teacher_ckpt):
     cfg = workdir / 'mkd.yaml'
     cfg.write_text(
