@@ -29,6 +29,12 @@ replacement sees exactly the arguments train.py passes):
     to learn the output folder (``temperatures.csv``) and to add ``tau_t``, ``tau_s``,
     ``kd_loss``, ``meta_loss``, ``meta_skipped`` columns to ``summary.csv``.
 
+The generation probes read train.py's structure before it runs; while it runs, ``MKDRun`` also
+checks that each replacement took effect (``verify_setup`` at the first ``train_one_epoch``, a
+one-shot hook after the first optimizer step, ``verify_before_save`` before the first checkpoint)
+and stops the run with ``MKDSetupError`` naming the hook that did not, so a train.py that merely
+looks right never trains or saves without MKD.
+
 One fix outside train.py, applied whatever the flags: when the installed Pillow refuses to
 posterize to 0 bits (Pillow >= 13), timm's posterize augmentation ops get the old result for 0 bits
 (``timm_mkd.augment_compat``), so DeiT-style ``rand-m9-mstd0.5-inc1`` recipes do not crash.
@@ -756,7 +762,8 @@ class MKDRun:
         if self.opts is None or self._updates_at_setup is not None:
             return
         built = self.task if self.mkd else self.plain_task
-        what = 'MKD task (MKDTask)' if self.mkd else f'{self.args.kd_distill_type} distillation task with the local teacher'
+        kind = getattr(self.args, 'kd_distill_type', 'logit')
+        what = 'MKD task (MKDTask)' if self.mkd else f'{kind} distillation task with the local teacher'
         if built is None:
             self._hook_failed('task', f'the {what} was never built; train.py created its task without calling '
                                       f'the LogitDistillationTask / FeatureDistillationTask / TokenDistillationTask '
