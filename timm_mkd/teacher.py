@@ -261,7 +261,9 @@ def match_student_normalization(task: nn.Module, student_model: nn.Module, mean:
     the three values broadcast the batch to three channels (the teacher's conv then refuses it); on
     RGB data with ``--mean``/``--std`` the teacher sees wrongly scaled images. This replaces the
     task's ``student_mean``/``student_std`` buffers with the loader's values (``MKDTask`` takes them
-    as arguments already).
+    as arguments already). timm 1.0.27's ``TokenDistillationTask`` also wraps a given teacher in its
+    own ``TokenDistillationTeacher`` with ImageNet statistics; that wrapper gets the statistics of the
+    ``DistillationTeacher`` it wraps.
 
     Args:
         task: a timm distillation task with ``student_mean``/``student_std`` buffers (others are
@@ -280,4 +282,8 @@ def match_student_normalization(task: nn.Module, student_model: nn.Module, mean:
     mean, std = adapt_to_chs(tuple(mean), in_chans), adapt_to_chs(tuple(std), in_chans)
     task.student_mean = torch.tensor(mean, device=old_mean.device, dtype=old_mean.dtype).view(1, -1, 1, 1)
     task.student_std = torch.tensor(std, device=old_std.device, dtype=old_std.dtype).view(1, -1, 1, 1)
+    wrapper = getattr(task, 'teacher', None)
+    inner = getattr(wrapper, 'model', None)
+    if isinstance(inner, DistillationTeacher) and not isinstance(wrapper, DistillationTeacher):
+        wrapper.mean_kd, wrapper.std_kd = inner.mean_kd.clone(), inner.std_kd.clone()
     return task
