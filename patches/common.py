@@ -29,6 +29,16 @@ replacement sees exactly the arguments train.py passes):
     to learn the output folder (``temperatures.csv``) and to add ``tau_t``, ``tau_s``,
     ``kd_loss``, ``meta_loss``, ``meta_skipped`` columns to ``summary.csv``.
 
+The generation probes read train.py's structure before it runs; while it runs, ``MKDRun`` also
+checks that each replacement took effect (``verify_setup`` at the first ``train_one_epoch``, a
+one-shot hook after the first optimizer step, ``verify_before_save`` before the first checkpoint)
+and stops the run with ``MKDSetupError`` naming the hook that did not, so a train.py that merely
+looks right never trains or saves without MKD.
+
+One fix outside train.py, applied whatever the flags: when the installed Pillow refuses to
+posterize to 0 bits (Pillow >= 13), timm's posterize augmentation ops get the old result for 0 bits
+(``timm_mkd.augment_compat``), so DeiT-style ``rand-m9-mstd0.5-inc1`` recipes do not crash.
+
 Without ``--mkd`` / ``--teacher-checkpoint`` every replacement passes straight through, so the
 run is train.py's own (``args.yaml`` included: the MKD keys are left out of it).
 
@@ -335,6 +345,13 @@ def _cpu_ddp_safe(task):
     return task
 
 
+def _checkpoint_task_state(task) -> Dict[str, Any]:
+    """The ``task_state`` a CheckpointSaver writes for ``task`` (timm >= 1.0.29: ``get_checkpoint_state``)."""
+    if hasattr(task, 'get_checkpoint_state'):
+        return task.get_checkpoint_state().get('task_state') or {}
+    return task.get_task_state() or {}
+
+
 def _dump_args(args_dict: Dict[str, Any]) -> str:
     import yaml
     return yaml.safe_dump(args_dict, default_flow_style=False)
@@ -363,7 +380,14 @@ class MKDRun:
         self.epoch_stats = None
         self._kd_sum = None
         self._kd_count = 0
+        self.posterize_fixed = False
         self.originals: Dict[str, Any] = {}
+        # run-time hook checks (``verify_setup`` and friends)
+        self.plain_task = None  # timm's own task built with the local teacher (plain KD)
+        self.saver = None  # the CheckpointSaver built through the utils proxy
+        self.summary_epochs: Set[int] = set()  # epochs whose summary row carries the MKD columns
+        self._updates_at_setup: Optional[int] = None
+        self._saves_checked = False
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -384,6 +408,8 @@ class MKDRun:
     def install(cls, module, generation: str) -> 'MKDRun':
         """Apply every patch to the loaded train.py ``module`` (the same set for each generation)."""
         run = cls(module, generation)
+        from timm_mkd.augment_compat import fix_posterize_zero_bits
+        run.posterize_fixed = fix_posterize_zero_bits()  # before train.py builds its transforms
         run.add_flags()
         run.patch_parse_args()
         run.patch_create_dataset()
@@ -409,6 +435,11 @@ class MKDRun:
         def factory(original):
             def _parse_args():
                 args, args_text = original()
+                if self.posterize_fixed and getattr(args, 'aa', None) and os.environ.get('RANK', '0') == '0':
+                    _logger.info(
+                        'train_mkd: the installed Pillow refuses to posterize to 0 bits, which timm\'s '
+                        'RandAugment asks for at magnitude 10 (PosterizeIncreasing); timm_mkd.augment_compat '
+                        'gives the black image older Pillow gave instead')
                 try:
                     opts = validate_mkd_args(args)
                 except MKDArgumentError as e:
@@ -553,7 +584,11 @@ class MKDRun:
                 teacher = build_teacher(
                     teacher_name, student, checkpoint_path=self.opts.teacher_checkpoint,
                     device=device, dtype=dtype, student_mean=mean, student_std=std)
-            return _cpu_ddp_safe(original(**dict(kw, teacher_model=teacher)))
+            task = original(**dict(kw, teacher_model=teacher))
+            from timm_mkd.teacher import match_student_normalization
+            match_student_normalization(task, student, mean, std)  # the loader's --mean/--std, --in-chans
+            self.plain_task = task
+            return _cpu_ddp_safe(task)
         except (ValueError, FileNotFoundError, OSError, RuntimeError, TypeError, KeyError) as e:
             raise MKDSetupError(f'cannot set up {what} with the {source}: {e}') from e
 
@@ -667,6 +702,7 @@ class MKDRun:
         def factory(original):
             def train_one_epoch(epoch, *a, **kw):
                 self.epoch = epoch
+                self.verify_setup(a, kw)
                 metrics = original(epoch, *a, **kw)
                 if self.task is not None:
                     self._end_epoch(epoch)
@@ -701,6 +737,113 @@ class MKDRun:
                 f'kd_loss={kd:.4f} meta_loss={summary["meta_loss"]:.4f} '
                 f'meta_steps={summary.get("meta_steps")} skipped={summary.get("meta_skipped")}')
 
+    # ------------------------------------------------------------------ run-time hook checks
+    def _hook_failed(self, hook: str, detail: str) -> None:
+        """Stop the run: a patch did not take effect in this train.py (before any checkpoint is written).
+
+        Raises:
+            MKDSetupError: naming the hook, what went wrong, and the fix.
+        """
+        path = getattr(self.module, '__file__', 'train.py')
+        raise MKDSetupError(
+            f'the {hook} hook of train_mkd.py did not take effect in {path}: {detail}. This train.py differs '
+            f'from the {self.generation} train.py in a way its structure checks cannot see; the run was stopped '
+            f'before writing a checkpoint. Fix: use the unmodified train.py of a supported release '
+            f'({SUPPORTED_RELEASES_TEXT}), e.g. the one matching the installed timm:\n' + how_to_get_train_py())
+
+    def verify_setup(self, a: tuple, kw: Dict[str, Any]) -> None:
+        """At the first ``train_one_epoch`` call: the task, the meta step and the checkpoint hooks are in place.
+
+        Args:
+            a: positional arguments of train.py's ``train_one_epoch`` after ``epoch``
+                (``model, loader, optimizer, args``).
+            kw: its keyword arguments (``task=``, ``saver=`` where train.py passes them).
+        """
+        if self.opts is None or self._updates_at_setup is not None:
+            return
+        built = self.task if self.mkd else self.plain_task
+        kind = getattr(self.args, 'kd_distill_type', 'logit')
+        what = 'MKD task (MKDTask)' if self.mkd else f'{kind} distillation task with the local teacher'
+        if built is None:
+            self._hook_failed('task', f'the {what} was never built; train.py created its task without calling '
+                                      f'the LogitDistillationTask / FeatureDistillationTask / TokenDistillationTask '
+                                      f'names of its module')
+        if kw.get('task') is not None and kw['task'] is not built:
+            self._hook_failed('task', f'train.py trains {type(kw["task"]).__name__}, not the {what} built for it')
+        self._updates_at_setup = 0
+        if not self.mkd:
+            return
+        task = self.task
+        if task._optimizer is None or not task._hooks:
+            self._hook_failed('meta step', 'the meta step is not attached to the student\'s optimizer (train.py did '
+                                           'not create it through create_optimizer_v2 after building the task)')
+        optimizer = kw.get('optimizer', a[2] if len(a) > 2 else None)
+        if optimizer is not None and optimizer is not task._optimizer:
+            self._hook_failed('meta step', 'train.py steps another optimizer than the one the meta step is attached to')
+        if self.is_primary():
+            if self.saver is None:
+                self._hook_failed('checkpoint', 'train.py did not build its CheckpointSaver through utils.CheckpointSaver, '
+                                                'so checkpoints would not carry the temperatures')
+            if getattr(self.saver, 'task', task) is not task or kw.get('saver', self.saver) is not self.saver:
+                self._hook_failed('checkpoint', 'the CheckpointSaver train.py uses does not hold the MKD task, so its '
+                                                'checkpoints would not carry the temperatures (task_state)')
+            if 'mkd' not in _checkpoint_task_state(task):
+                self._hook_failed('checkpoint', 'the MKD task\'s checkpoint state has no \'mkd\' entry')
+        self._updates_at_setup = task.updates
+        holder = []
+
+        def after_first_step(optimizer, args, kwargs):
+            holder.pop().remove()
+            self.verify_first_step()
+        holder.append(task._optimizer.register_step_post_hook(after_first_step))
+
+    def verify_first_step(self) -> None:
+        """After the first optimizer step: the meta-step hooks counted it, after a training forward of the task."""
+        task = self.task
+        if task.updates != self._updates_at_setup + 1:
+            self._hook_failed('meta step', 'the first optimizer step did not reach the meta-step hooks')
+        if task._last_batch is None:
+            self._hook_failed('meta step', 'the student\'s optimizer stepped without a training forward through the '
+                                           'MKD task (train.py must call the task, in train mode, with gradients)')
+
+    def watch_saver(self, saver) -> None:
+        """Check the hooks before ``saver`` writes its first checkpoint (recovery or epoch)."""
+        self.saver = saver
+        for name in ('save_checkpoint', 'save_recovery'):
+            method = getattr(saver, name, None)
+            if callable(method):
+                setattr(saver, name, self._checked_save(name, method))
+
+    def _checked_save(self, name: str, method: Callable) -> Callable:
+        def save(*a, **kw):
+            if not self._saves_checked and self.mkd and self._updates_at_setup is not None:
+                self._saves_checked = True
+                self.verify_before_save(name, a[0] if a else kw.get('epoch'))
+            return method(*a, **kw)
+        return save
+
+    def verify_before_save(self, name: str, epoch: Optional[int]) -> None:
+        """Before the first checkpoint: the meta step saw updates and (for an epoch checkpoint) the summary columns."""
+        if self.task.updates == self._updates_at_setup:
+            self._hook_failed('meta step', 'no optimizer update reached the meta step before the first checkpoint '
+                                           '(the optimizer train.py steps is not the one the meta step is attached to)')
+        if name == 'save_checkpoint' and epoch is not None and epoch not in self.summary_epochs:
+            self._hook_failed('summary columns', f'summary.csv of epoch {epoch} was not written through '
+                                                 f'utils.update_summary, so it lacks tau_t, tau_s, kd_loss and meta_loss')
+
+    def forget_steps_after_resume(self, path: str) -> None:
+        """Drop the meta steps an earlier run in this folder logged after the update this run starts from.
+
+        train.py reuses the folder of ``--experiment``, and timm 1.0.31's ``--resume auto`` resumes in
+        place: the rows the earlier run wrote after its checkpoint (until it was killed or ended)
+        would otherwise be followed by the same steps logged again, and a fresh run (0 updates)
+        would continue another run's log.
+        """
+        dropped = drop_logged_steps_after(path, self.task.updates)
+        if dropped:
+            _logger.info(f'MKD: dropped {dropped} meta steps after update {self.task.updates} from {path} '
+                         f'(logged by an earlier run in this folder)')
+
     def patch_utils(self) -> None:
         """Install the ``utils`` proxy with the CheckpointSaver and update_summary overrides."""
         base = self.module.utils
@@ -709,10 +852,14 @@ class MKDRun:
 
         def CheckpointSaver(*a, **kw):  # noqa: N802 - stands in for the class
             saver = base.CheckpointSaver(*a, **kw)
+            if run.opts is not None:
+                run.watch_saver(saver)
             if run.task is not None:
                 from timm_mkd.meta_log import TemperatureLog
                 out = kw.get('checkpoint_dir')
                 if out:
+                    if run.is_primary():
+                        run.forget_steps_after_resume(os.path.join(out, 'temperatures.csv'))
                     run.temp_log = TemperatureLog.in_dir(out, enabled=run.is_primary())
             return saver
 
@@ -725,11 +872,47 @@ class MKDRun:
             write_summary_row(
                 epoch, train_metrics, eval_metrics, filename, lr=lr, write_header=write_header,
                 log_wandb=log_wandb, extra=run.epoch_stats)
+            run.summary_epochs.add(epoch)
 
         proxy.CheckpointSaver = CheckpointSaver
         proxy.update_summary = update_summary
         self.originals['utils'] = base
         self.module.utils = proxy
+
+
+def drop_logged_steps_after(path: str, updates: int) -> int:
+    """Remove the rows of ``temperatures.csv`` at ``path`` whose ``step`` is beyond ``updates``.
+
+    A torn last row (a killed writer) goes too. The file is replaced atomically; a missing file
+    or one without a ``step`` column is left alone (``TemperatureLog`` refuses a foreign header).
+
+    Args:
+        path: the ``temperatures.csv`` of the output folder.
+        updates: optimizer updates the run starts from (0 for a fresh run).
+
+    Returns:
+        The number of rows removed.
+    """
+    if not os.path.isfile(path):
+        return 0
+    with open(path, newline='') as f:
+        lines = f.read().splitlines(keepends=True)
+    columns = lines[0].strip().split(',') if lines else []
+    if 'step' not in columns:
+        return 0
+    at = columns.index('step')
+    keep = [lines[0]]
+    for line in lines[1:]:
+        fields = line.rstrip('\r\n').split(',')
+        if line.endswith('\n') and len(fields) == len(columns) and fields[at].isdigit() and int(fields[at]) <= updates:
+            keep.append(line)
+    if len(keep) == len(lines):
+        return 0
+    tmp = path + '.tmp'
+    with open(tmp, 'w', newline='') as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+    return len(lines) - len(keep)
 
 
 def write_summary_row(epoch, train_metrics, eval_metrics, filename, lr=None, write_header=None,

@@ -152,7 +152,7 @@ def test_meta_loader_is_endless_and_reshuffles_each_epoch():
     epoch1 = _keys(torch.cat([x for x, _ in batches[4:8]]))
     assert len(set(epoch0)) == 64 and set(epoch0) == set(epoch1)  # each epoch is one full pass
     assert epoch0 != epoch1  # in a new order
-    assert meta.state_dict() == {'epoch': 2, 'position': 2}
+    assert meta.state_dict() == {'epoch': 2, 'position': 2, 'batch_size': 16, 'shard_size': 64, 'world_size': 1}
 
 
 @pytest.mark.parametrize('use_prefetcher', [False, True])
@@ -216,15 +216,64 @@ def test_meta_loader_state_dict_resumes_at_the_next_batch():
     for _ in range(6):  # epoch 1, position 2
         next(a)
     state = a.state_dict()
-    assert state == {'epoch': 1, 'position': 2}
+    assert (state['epoch'], state['position']) == (1, 2)
     b = _meta(_small_meta_set(64), batch_size=16)
     b.load_state_dict(state)
     for _ in range(3):  # through the next epoch boundary
         xa, ya = next(a)
         xb, yb = next(b)
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
-    with pytest.raises(ValueError, match='position must be in'):
-        b.load_state_dict({'epoch': 0, 'position': 5})
+    with pytest.raises(ValueError, match='must be >= 0'):
+        b.load_state_dict({'epoch': 0, 'position': -1})
+
+
+@pytest.mark.parametrize('use_prefetcher', [False, True])
+@pytest.mark.parametrize('meta_size', [64, 16])  # 4 batches per meta epoch, and exactly one batch
+def test_meta_loader_resumes_from_every_position_it_saves(use_prefetcher, meta_size):
+    """Every state a run can checkpoint resumes, the last batch of a meta epoch included.
+
+    A restored state must name a batch that exists: a resumed pass that skipped every batch (the
+    position right after the last batch of a meta epoch) is empty, and timm's PrefetchLoader
+    before 1.0.31 cannot iterate an empty loader (UnboundLocalError at the first meta step).
+    """
+    kwargs = dict(batch_size=16, use_prefetcher=use_prefetcher, device=CPU)
+    batches_per_epoch = meta_size // 16
+    for drawn in range(2 * batches_per_epoch + 1):
+        run = _meta(_small_meta_set(meta_size), **kwargs)
+        for _ in range(drawn):
+            next(run)
+        resumed = _meta(_small_meta_set(meta_size), **kwargs)
+        resumed.load_state_dict(run.state_dict())
+        state = resumed.state_dict()
+        assert state['position'] < batches_per_epoch, f'after {drawn} batches: {state} names no batch'
+        for _ in range(2):  # the resumed loader draws exactly what the uninterrupted one draws
+            x, y = next(run)
+            xr, yr = next(resumed)
+            assert torch.equal(x, xr) and torch.equal(y, yr), f'after {drawn} batches'
+
+
+@pytest.mark.parametrize('old, new', [
+    (dict(batch_size=8), dict(batch_size=16)),  # a larger meta batch: position 6 of 8 does not exist at 16
+    (dict(batch_size=16), dict(batch_size=16, distributed=True, world_size=2, rank=1)),  # more ranks
+    (dict(batch_size=16, distributed=True, world_size=2, rank=0), dict(batch_size=16)),  # fewer ranks
+])
+def test_meta_loader_resumes_after_batch_or_world_size_change(old, new):
+    """A position saved for another layout resumes at the start of the next meta epoch."""
+    saved = _meta(_small_meta_set(64), use_prefetcher=True, device=CPU, **old)
+    for _ in range(saved.batches_per_epoch + saved.batches_per_epoch - 1):  # epoch 1, its last batch pending
+        next(saved)
+    state = saved.state_dict()
+    resumed = _meta(_small_meta_set(64), use_prefetcher=True, device=CPU, **new)
+    resumed.load_state_dict(state)
+    fresh = _meta(_small_meta_set(64), use_prefetcher=True, device=CPU, **new)
+    fresh.load_state_dict(dict(fresh.state_dict(), epoch=state['epoch'] + 1, position=0))
+    for _ in range(resumed.batches_per_epoch + 1):  # through a whole epoch and into the next
+        x, y = next(resumed)
+        xf, yf = next(fresh)
+        assert x.shape[0] == new['batch_size'] and torch.equal(x, xf) and torch.equal(y, yf)
+    legacy = _meta(_small_meta_set(64), use_prefetcher=True, device=CPU, **new)
+    legacy.load_state_dict({'epoch': state['epoch'], 'position': state['position'] + 5})  # no layout recorded
+    assert next(legacy)[0].shape[0] == new['batch_size']
 
 
 # ------------------------------------------------------------------ check_not_validation

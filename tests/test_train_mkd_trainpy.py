@@ -264,6 +264,39 @@ def test_resume_continues_with_saved_temperatures(mkd_run, train_py, data_root, 
           f'tau_t={float(rows[-1]["tau_t"]):.4f} tau_s={float(rows[-1]["tau_s"]):.4f}')
 
 
+def test_resume_right_after_the_last_batch_of_a_meta_epoch(train_py, data_root, workdir, teacher_ckpt):
+    """A meta set of exactly one meta batch: every checkpoint saves the position after a pass's last batch.
+
+    The resumed run used to restore that position as an empty pass, and timm's PrefetchLoader (train.py's
+    default) before 1.0.31 dies on an empty loader at the first meta step (UnboundLocalError).
+    """
+    flags = mkd_flags(teacher_ckpt, meta='0.1', meta_bs=40)  # 40 held-out images, one meta batch of 40
+    ok(run_mkd(train_py, base_args(data_root, workdir / 'out', 'meta_end') + flags, cwd=workdir))
+    import torch
+    saved = torch.load(workdir / 'out' / 'meta_end' / 'last.pth.tar', map_location='cpu', weights_only=False)
+    meta_state = saved['task_state']['mkd']['meta_data']
+    assert meta_state['position'] == 1 and meta_state['batch_size'] == 40  # the pass was used up
+    result = ok(run_mkd(train_py, base_args(data_root, workdir / 'out', 'meta_end_resumed', epochs=2) + flags + [
+        '--resume', str(workdir / 'out' / 'meta_end' / 'last.pth.tar')], cwd=workdir))
+    assert 'MKD: resumed temperatures' in result.log
+    steps = read_csv(workdir / 'out' / 'meta_end_resumed' / 'temperatures.csv')
+    assert [int(r['step']) for r in steps] == list(range(12, 23, 2))  # 11 updates per epoch, every 2nd
+    assert_mkd_summary(workdir / 'out' / 'meta_end_resumed', epochs=1)
+
+
+def test_resume_in_place_logs_each_meta_step_once(train_py, data_root, workdir, teacher_ckpt):
+    """train.py reuses the folder of --experiment; resuming there (as timm 1.0.31's --resume auto does) from
+    the epoch-0 checkpoint of a 2-epoch run re-does epoch 1: temperatures.csv must not hold its steps twice."""
+    args = base_args(data_root, workdir / 'out', 'inplace', epochs=2) + mkd_flags(teacher_ckpt)
+    ok(run_mkd(train_py, args, cwd=workdir))
+    outdir = workdir / 'out' / 'inplace'
+    epoch0 = workdir / 'inplace-epoch0.pth.tar'
+    shutil.copy(outdir / 'checkpoint-0.pth.tar', epoch0)
+    result = ok(run_mkd(train_py, args + ['--resume', str(epoch0)], cwd=workdir))
+    assert [int(r['step']) for r in read_csv(outdir / 'temperatures.csv')] == list(range(2, 23, 2))
+    assert 'dropped 6 meta steps after update 11' in result.log  # epoch 1's steps 12..22 of the first run
+
+
 def test_yaml_config_sets_mkd_flags(train_py, data_root, workdir, teacher_ckpt):
     cfg = workdir / 'mkd.yaml'
     cfg.write_text(
@@ -276,6 +309,28 @@ def test_yaml_config_sets_mkd_flags(train_py, data_root, workdir, teacher_ckpt):
     assert len(read_csv(outdir / 'temperatures.csv')) == 11 // 3
     text = (outdir / 'args.yaml').read_text()
     assert 'mkd_tau_t: 2.0' in text and 'kd_model_name: resnet18' in text
+
+
+def test_deit_recipe_through_a_config_file(train_py, data_root, workdir, teacher_ckpt):
+    """DeiT's augmentation (RandAugment rand-m9-mstd0.5-inc1, mixup, cutmix, random erasing) with EMA and MKD.
+
+    At magnitude 10 (drawn about 2% of the time) PosterizeIncreasing keeps 0 bits, which Pillow >= 13
+    refuses: the run died in a data worker at some batch. train_mkd.py gives the old result instead.
+    """
+    cfg = workdir / 'deit.yaml'
+    cfg.write_text(
+        'aa: rand-m9-mstd0.5-inc1\nmixup: 0.8\ncutmix: 1.0\nreprob: 0.25\nsmoothing: 0.1\nmodel_ema: true\n'
+        'model_ema_decay: 0.9\nopt: adamw\nlr: 0.001\nweight_decay: 0.05\n'
+        f'mkd: true\nteacher: resnet18\nteacher_checkpoint: {teacher_ckpt}\nmkd_meta_interval: 2\n'
+        f'mkd_meta_data: "0.1"\nmkd_meta_batch_size: 16\n')
+    args = base_args(data_root, workdir / 'out', 'deit', model=None, epochs=2)
+    at = args.index('--lr')
+    result = ok(run_mkd(train_py, ['-c', str(cfg)] + args[:at] + args[at + 2:] + VIT, cwd=workdir))
+    from timm_mkd.augment_compat import pillow_rejects_zero_bits
+    if pillow_rejects_zero_bits():
+        assert 'refuses to posterize to 0 bits' in result.log
+    assert 'Test (EMA)' in result.log
+    assert_mkd_summary(workdir / 'out' / 'deit', epochs=2)
 
 
 @pytest.mark.parametrize('name, extra, check', [
@@ -305,21 +360,60 @@ def test_meta_data_sources(train_py, data_root, workdir, teacher_ckpt, name, met
         assert len(read_csv(workdir / 'out' / name / 'temperatures.csv')) == 12 // 2
 
 
-@pytest.mark.parametrize('distill_type, expect', [
-    ('logit', 'LogitDistillationTask: loss_type=kl, temperature=4.0'),
-    ('feature', 'FeatureDistillationTask: student_dim=512, teacher_dim=512'),
-])
-def test_plain_kd_with_local_teacher_checkpoint(train_py, data_root, workdir, teacher_ckpt, distill_type, expect):
+DEIT = ['--model', 'deit_tiny_distilled_patch16_224', '--model-kwargs', 'img_size=32', 'patch_size=8', 'depth=1',
+        'embed_dim=64', 'num_heads=2']
+#: The quickstart's Fashion-MNIST flags: one channel, its own statistics.
+GRAY = ['--in-chans', '1', '--input-size', '1', '32', '32', '--mean', '0.2860', '--std', '0.3530']
+
+
+def gray_args(data_root, out, name, model='resnet10t', epochs=1):
+    """``base_args`` on 1-channel images normalised with Fashion-MNIST's mean and std."""
+    args = base_args(data_root, out, name, model=model, epochs=epochs)
+    at = args.index('--input-size')
+    return args[:at] + args[at + 4:] + GRAY
+
+
+@pytest.fixture(scope='module')
+def gray_teacher_ckpt(train_py, data_root, workdir):
+    """A 1-channel resnet18 teacher trained by timm's own train.py."""
+    ok(run([sys.executable, train_py] + gray_args(data_root, workdir / 'out', 'teacher_gray', model='resnet18'),
+           cwd=workdir))
+    return str(workdir / 'out' / 'teacher_gray' / 'last.pth.tar')
+
+
+KD_TYPES = [
+    ('logit', [], 'LogitDistillationTask: loss_type=kl, temperature=4.0'),
+    ('feature', [], 'FeatureDistillationTask: student_dim=512, teacher_dim=512'),
+    ('token', DEIT, 'TokenDistillationTask'),
+]
+
+
+@pytest.mark.parametrize('distill_type, model, expect', KD_TYPES)
+def test_plain_kd_with_local_teacher_checkpoint(train_py, data_root, workdir, teacher_ckpt, distill_type, model,
+                                                expect):
     """--teacher-checkpoint without --mkd: timm's own distillation task with the local teacher."""
     name = f'kd_{distill_type}'
-    result = ok(run_mkd(train_py, base_args(data_root, workdir / 'out', name) + [
-        '--teacher', 'resnet18', '--teacher-checkpoint', teacher_ckpt, '--kd-distill-type', distill_type],
-        cwd=workdir))
+    result = ok(run_mkd(train_py, base_args(data_root, workdir / 'out', name, model=None if model else 'resnet10t')
+                        + model + ['--teacher', 'resnet18', '--teacher-checkpoint', teacher_ckpt,
+                                   '--kd-distill-type', distill_type], cwd=workdir))
     assert f"Loaded KD teacher 'resnet18' from '{teacher_ckpt}'" in result.log
     assert expect in result.log
     row = read_csv(workdir / 'out' / name / 'summary.csv')[0]
     assert 'tau_t' not in row
     assert not (workdir / 'out' / name / 'temperatures.csv').exists()
+
+
+@pytest.mark.parametrize('distill_type, model, expect', KD_TYPES)
+def test_plain_kd_on_one_channel_data(train_py, data_root, workdir, gray_teacher_ckpt, distill_type, model, expect):
+    """The quickstart's 1-channel flags with plain KD: timm's tasks took the student's normalisation from
+    its pretrained_cfg (3 ImageNet values) and fed the teacher a 3-channel batch at the first step."""
+    name = f'kd_gray_{distill_type}'
+    result = ok(run_mkd(train_py, gray_args(data_root, workdir / 'out', name, model=None if model else 'resnet10t')
+                        + model + ['--teacher', 'resnet18', '--teacher-checkpoint', gray_teacher_ckpt,
+                                   '--kd-distill-type', distill_type], cwd=workdir))
+    assert expect in result.log
+    row = read_csv(workdir / 'out' / name / 'summary.csv')[0]
+    assert math.isfinite(float(row['train_loss'])) and 'tau_t' not in row
 
 
 def test_torchrun_two_processes(train_py, data_root, workdir, teacher_ckpt):
@@ -373,6 +467,39 @@ def test_errors(train_py, data_root, workdir, teacher_ckpt, name, extra, words, 
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith('train_mkd.py: error:'), last
     assert not (workdir / 'errors' / name).exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# run-time hook checks: a train.py whose structure passes the probes but where a patch does not take
+# effect stops with the hook's name before any checkpoint is written
+# ------------------------------------------------------------------------------------------------
+
+#: One line put at the top of main() of a copy of train.py, and the hook it defeats.
+DEFEATS = {
+    'task': 'global LogitDistillationTask; LogitDistillationTask = lambda student_model, teacher_model, **kw: '
+            '__import__("timm.task", fromlist=["x"]).ClassificationTask(student_model, criterion=kw["criterion"], '
+            'device=kw["device"], dtype=kw["dtype"])',
+    'meta step': 'global create_optimizer_v2; from timm.optim import create_optimizer_v2',
+    'checkpoint': 'global utils; import timm.utils as utils',
+    'summary columns': 'utils.update_summary = __import__("timm.utils", fromlist=["x"]).update_summary',
+}
+
+
+@pytest.mark.parametrize('hook', list(DEFEATS))
+def test_hook_that_did_not_take_effect_stops_the_run(train_py, data_root, workdir, teacher_ckpt, tmp_path, hook):
+    with open(train_py) as f:
+        text = f.read()
+    assert text.count('\ndef main():\n') == 1
+    edited = tmp_path / 'train.py'
+    edited.write_text(text.replace('\ndef main():\n', '\ndef main():\n    ' + DEFEATS[hook] + '\n'))
+    name = 'hook_' + hook.replace(' ', '_')
+    result = run_mkd(str(edited), base_args(data_root, workdir / 'out', name) + mkd_flags(teacher_ckpt), cwd=workdir)
+    assert result.returncode == 1, result.log[-4000:]
+    assert 'not a train.py file of a known timm release' in result.stderr  # it passed the structure probes
+    last = result.stderr.strip().splitlines()
+    message = next(l for l in last if l.startswith('train_mkd.py: error:'))
+    assert f'the {hook} hook of train_mkd.py did not take effect' in message and 'Fix:' in message
+    assert not list((workdir / 'out' / name).glob('*.pth.tar'))
 
 
 @pytest.mark.slow

@@ -267,7 +267,8 @@ class MetaBatches:
     One pass over the per-rank shard is an *epoch*; when it ends the sampler moves to the next
     epoch (a new seeded permutation) and iteration goes on, so the meta step can call ``next()``
     forever. ``state_dict()`` holds ``(epoch, position)`` (batches drawn in the current epoch)
-    and ``load_state_dict`` resumes at the very next batch without loading the skipped ones.
+    and the layout they refer to; ``load_state_dict`` resumes at the very next batch without
+    loading the skipped ones, and at the next epoch when the layout changed.
 
     Built by ``build_meta_loader``; not meant to be constructed directly.
     """
@@ -306,14 +307,11 @@ class MetaBatches:
     def __next__(self) -> Tuple[torch.Tensor, torch.Tensor]:
         while True:
             if self._iter is None:
-                self.sampler.set_epoch(self.epoch)
-                self.sampler.skip = self.position * self.batch_size
-                self._iter = iter(self.loader)
+                self._start_pass()
             try:
                 input, target = next(self._iter)
             except StopIteration:
-                # a pass ended: next epoch, fresh permutation (build_meta_loader guarantees a
-                # full epoch holds at least one batch, so this loop ends)
+                # a pass ended: next epoch, fresh permutation
                 self._iter = None
                 self.epoch += 1
                 self.position = 0
@@ -324,16 +322,55 @@ class MetaBatches:
                 target = target.to(device=self.device)
             return input, target
 
+    def _start_pass(self) -> None:
+        """Open an iterator at ``(epoch, position)``, never over an empty rest of a pass.
+
+        A pass whose last batch was already drawn (``position == batches_per_epoch``, e.g. restored
+        from a checkpoint saved right after it) moves on to the next epoch first: iterating an empty
+        rest would end at once, and timm's ``PrefetchLoader`` cannot iterate an empty loader at all.
+
+        Raises:
+            ValueError: if this rank's shard holds no full batch (``build_meta_loader`` refuses that).
+        """
+        if self.batches_per_epoch < 1:
+            raise ValueError(
+                f'the meta set holds {self.sampler.num_samples} samples on this rank, fewer than one meta '
+                f'batch of {self.batch_size}; lower --mkd-meta-batch-size or use more meta data')
+        if self.position >= self.batches_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+        self.sampler.set_epoch(self.epoch)
+        self.sampler.skip = self.position * self.batch_size
+        self._iter = iter(self.loader)
+
+    def _layout(self) -> Dict[str, int]:
+        """What a saved position depends on: batch size, this rank's shard size and the world size."""
+        return {'batch_size': self.batch_size, 'shard_size': int(self.sampler.num_samples),
+                'world_size': int(self.sampler.num_replicas)}
+
     def state_dict(self) -> Dict[str, int]:
-        """``{'epoch', 'position'}``: where the next meta batch comes from."""
-        return {'epoch': self.epoch, 'position': self.position}
+        """``{'epoch', 'position'}`` (where the next meta batch comes from) and the layout they refer to."""
+        return dict({'epoch': self.epoch, 'position': self.position}, **self._layout())
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
-        """Resume at ``state``: the next batch is the one that followed when it was saved."""
+        """Resume at ``state``: the next batch is the one that followed when it was saved.
+
+        A position is only meaningful for the layout it was saved with. When the meta batch size,
+        the world size or the shard size differ (or the saved pass is already used up), the
+        resumed run starts the next meta epoch, a fresh permutation, instead of refusing to resume.
+        States saved before the layout was recorded are taken as they are when their position fits.
+
+        Args:
+            state: what ``state_dict`` returned (``epoch`` and ``position`` at least).
+
+        Raises:
+            ValueError: for a negative epoch or position (not a state this class writes).
+        """
         epoch, position = int(state['epoch']), int(state['position'])
-        if epoch < 0 or not 0 <= position <= self.batches_per_epoch:
-            raise ValueError(
-                f'invalid meta loader state {state}: position must be in [0, {self.batches_per_epoch}]')
+        if epoch < 0 or position < 0:
+            raise ValueError(f'invalid meta loader state {state}: epoch and position must be >= 0')
+        changed = any(k in state and int(state[k]) != v for k, v in self._layout().items())
+        if changed or position >= self.batches_per_epoch:
+            epoch, position = epoch + 1, 0
         self.epoch, self.position = epoch, position
         self._iter = None
 

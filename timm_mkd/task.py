@@ -1,4 +1,5 @@
 """MKDTask: timm's logit distillation with learned teacher and student temperatures."""
+import contextlib
 import logging
 import math
 import warnings
@@ -216,6 +217,19 @@ class MKDTask(TrainingTask):
         self.eval_model = self.trainable_module
         self.teacher.compile(backend=backend, mode=mode, compile_model=True, compile_features=False, **compile_kwargs)
         return self.trainable_module
+
+    def no_sync(self):
+        """Context in which backward skips DDP's gradient all-reduce (gradient-accumulation micro-batches).
+
+        train.py enters it for every micro-batch of an update but the last. The meta step runs inside
+        ``optimizer.step()``, after the synchronised backward, so it never sees unsynchronised gradients.
+        timm >= 1.0.29's ``TrainingTask`` has the same method; defining it here keeps it on older timm.
+
+        Returns:
+            The DDP student's ``no_sync()`` context, or a no-op context when the student is not wrapped.
+        """
+        module = self.trainable_module
+        return module.no_sync() if hasattr(module, 'no_sync') else contextlib.nullcontext()
 
     def train(self, mode: bool = True) -> 'MKDTask':
         """Set train/eval mode on the task; the teacher stays in eval mode (BN stats, no dropout)."""

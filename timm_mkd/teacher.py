@@ -248,3 +248,42 @@ def _set_normalization(teacher: DistillationTeacher, mean, std, in_chans: int) -
     like = teacher.mean_kd
     teacher.mean_kd = torch.tensor(mean, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
     teacher.std_kd = torch.tensor(std, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
+
+
+def match_student_normalization(task: nn.Module, student_model: nn.Module, mean: Sequence[float],
+                                std: Sequence[float]) -> nn.Module:
+    """Make one of timm's distillation tasks undo the normalisation the student's loader really applies.
+
+    timm's ``LogitDistillationTask``, ``FeatureDistillationTask`` and ``TokenDistillationTask`` record
+    the student's normalisation from its ``pretrained_cfg`` (three ImageNet values), and the teacher
+    re-normalises every batch from it (``DistillationTeacher.normalize_input``). train.py's loaders
+    normalise with ``--mean``/``--std`` reduced to ``--in-chans`` channels instead. On 1-channel data
+    the three values broadcast the batch to three channels (the teacher's conv then refuses it); on
+    RGB data with ``--mean``/``--std`` the teacher sees wrongly scaled images. This replaces the
+    task's ``student_mean``/``student_std`` buffers with the loader's values (``MKDTask`` takes them
+    as arguments already). timm 1.0.27's ``TokenDistillationTask`` also wraps a given teacher in its
+    own ``TokenDistillationTeacher`` with ImageNet statistics; that wrapper gets the statistics of the
+    ``DistillationTeacher`` it wraps.
+
+    Args:
+        task: a timm distillation task with ``student_mean``/``student_std`` buffers (others are
+            returned unchanged).
+        student_model: the student; its ``in_chans`` is the channel count of the batches.
+        mean: normalisation mean the student's loader applies.
+        std: normalisation std the student's loader applies.
+
+    Returns:
+        ``task``.
+    """
+    old_mean, old_std = getattr(task, 'student_mean', None), getattr(task, 'student_std', None)
+    if not isinstance(old_mean, torch.Tensor) or not isinstance(old_std, torch.Tensor) or mean is None or std is None:
+        return task
+    in_chans = getattr(unwrap_model(student_model), 'in_chans', 3)
+    mean, std = adapt_to_chs(tuple(mean), in_chans), adapt_to_chs(tuple(std), in_chans)
+    task.student_mean = torch.tensor(mean, device=old_mean.device, dtype=old_mean.dtype).view(1, -1, 1, 1)
+    task.student_std = torch.tensor(std, device=old_std.device, dtype=old_std.dtype).view(1, -1, 1, 1)
+    wrapper = getattr(task, 'teacher', None)
+    inner = getattr(wrapper, 'model', None)
+    if isinstance(inner, DistillationTeacher) and not isinstance(wrapper, DistillationTeacher):
+        wrapper.mean_kd, wrapper.std_kd = inner.mean_kd.clone(), inner.std_kd.clone()
+    return task
