@@ -2,8 +2,8 @@
 
 train.py is not in timm's wheel, so CI cannot run these. Locally::
 
-    git -C pytorch-image-models show v1.0.28:train.py > /tmp/train_v1.0.28.py
-    TIMM_TRAIN_PY=/tmp/train_v1.0.28.py python -m pytest -m trainpy tests/test_train_mkd_trainpy.py
+    curl -fsSL -o /tmp/train.py <the URL patches.fix_for(timm.__version__) prints>
+    TIMM_TRAIN_PY=/tmp/train.py python -m pytest -m trainpy tests/test_train_mkd_trainpy.py
 
 Every run is a real subprocess of ``train_mkd.py`` (or of train.py itself, for the teacher and
 for the "same as train.py" comparison) on a small image folder written from Debian's
@@ -36,8 +36,11 @@ MKD_COLUMNS = ('tau_t', 'tau_s', 'kd_loss', 'meta_loss')
 def train_py():
     path = os.environ.get('TIMM_TRAIN_PY')
     if not path:
-        pytest.skip('set TIMM_TRAIN_PY to the train.py of a supported timm release (it is not in the timm '
-                    'wheel): git -C pytorch-image-models show v1.0.28:train.py > /tmp/train.py')
+        from timm_mkd.launcher import load_adapters
+        adapters = load_adapters()
+        pytest.skip(f'set TIMM_TRAIN_PY to the train.py of timm {adapters.NEWEST_KNOWN_RELEASE} (it is not in '
+                    f'the timm wheel): curl -fsSL -o /tmp/train.py '
+                    f'{adapters.train_py_url(adapters.NEWEST_KNOWN_RELEASE)}   # NEWEST_KNOWN_RELEASE')
     if not os.path.isfile(path):
         pytest.fail(f'TIMM_TRAIN_PY={path}: no such file')
     return os.path.abspath(path)
