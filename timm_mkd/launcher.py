@@ -246,10 +246,11 @@ def _select(prog: str, explicit: Optional[str], rest: Sequence[str], adapters):
         path, _ = find_train_py(explicit, patches=adapters)
         selection = adapters.select(path)
     except (TrainPyNotFound, adapters.UnsupportedTrainPy) as e:
+        message = str(e) if 'Fix:' in str(e) else f'{e}\nFix: use an unmodified train.py:\n{adapters.how_to_get_train_py()}'
         if _wants_help(rest):
-            sys.stdout.write(mkd_only_help(prog, str(e)))
+            sys.stdout.write(mkd_only_help(prog, message))
             raise SystemExit(0)
-        _die(prog, str(e), 2)
+        _die(prog, message, 2)
     warning = adapters.check_pair(selection, timm.__version__)
     if warning:
         _warn(prog, warning)
