@@ -141,9 +141,31 @@ def mkd_run(train_py, data_root, workdir, teacher_ckpt):
     """The main MKD run: ViT student, resnet18 teacher, RandAugment + mixup + cutmix, 2 epochs."""
     args = base_args(data_root, workdir / 'out', 'mkd', model=None, epochs=2)
     result = ok(run_mkd(train_py, args + VIT + mkd_flags(teacher_ckpt) + [
-        '--aa', 'rand-m9-mstd0.5', '--mixup', '0.8', '--cutmix', '1.0', '--opt', 'adamw', '--lr', '1e-3'],
-        cwd=workdir))
+        '--aa', 'rand-m9-mstd0.5', '--mixup', '0.8', '--cutmix', '1.0', '--opt', 'adamw', '--lr', '1e-3',
+        '--mkd-export', str(workdir / 'export')], cwd=workdir))
     return workdir / 'out' / 'mkd', result
+
+
+def test_mkd_export_flag_writes_a_loadable_student(mkd_run, workdir, data_root):
+    """--mkd-export: the best checkpoint's student, rebuilt by timm.create_model, gives the same outputs."""
+    import json
+    import timm
+    import torch
+    outdir, result = mkd_run
+    info = json.loads((workdir / 'export' / 'mkd_student.json').read_text())
+    assert info['checkpoint'] == str(outdir / 'model_best.pth.tar')
+    row = read_csv(outdir / 'summary.csv')[info['epoch']]
+    assert info['temperatures']['tau_t'] == pytest.approx(float(row['tau_t']), rel=1e-5)
+    assert info['train_args']['model'] == 'vit_tiny_patch16_224' and info['train_args']['mkd'] is True
+    model = timm.create_model(**info['create_model']).eval()
+    reference = timm.create_model('vit_tiny_patch16_224', num_classes=10, img_size=32, patch_size=4, depth=2,
+                                  embed_dim=64, num_heads=2).eval()
+    reference.load_state_dict(torch.load(outdir / 'model_best.pth.tar', map_location='cpu',
+                                         weights_only=True)['state_dict'])
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(x))
+    assert 'exported the student to' in result.log
 
 
 def assert_mkd_summary(outdir, epochs, tau_min=0.5, tau_max=20.0):
@@ -198,7 +220,25 @@ def test_modified_train_py_warns_and_runs(train_py, tmp_path):
     (tmp_path / 'edited_train.py').write_text(text + '\n# a local edit\n')
     result = ok(run([sys.executable, TRAIN_MKD, '--timm-train', str(tmp_path / 'edited_train.py'), '--help'],
                     cwd=tmp_path))
-    assert 'not a train.py file of a known timm release' in result.stderr
+    warnings = [line for line in result.stderr.splitlines() if 'warning:' in line]
+    assert len(warnings) == 1 and 'is not the train.py of a known timm release' in warnings[0]
+    import timm
+    assert f'timm {timm.__version__} is installed' in warnings[0]
+
+
+def test_release_pairing_is_reported(train_py, tmp_path):
+    """The real train.py and the installed timm: silent when they are one release, else one warning naming both."""
+    import timm
+    from timm_mkd.launcher import load_adapters
+    selection = load_adapters().select(train_py)
+    result = ok(run([sys.executable, TRAIN_MKD, '--timm-train', train_py, '--help'], cwd=tmp_path))
+    warnings = [line for line in result.stderr.splitlines() if 'warning:' in line]
+    if timm.__version__ in selection.releases:
+        assert warnings == [], result.stderr
+    else:
+        assert len(warnings) == 1, result.stderr
+        assert f'timm {timm.__version__} is installed' in warnings[0]
+        assert (selection.known_as or 'not the train.py of a known timm release') in warnings[0]
 
 
 # ------------------------------------------------------------------------------------------------
