@@ -160,8 +160,8 @@ def test_mkd_export_flag_writes_a_loadable_student(mkd_run, workdir, data_root):
     model = timm.create_model(**info['create_model']).eval()
     reference = timm.create_model('vit_tiny_patch16_224', num_classes=10, img_size=32, patch_size=4, depth=2,
                                   embed_dim=64, num_heads=2).eval()
-    reference.load_state_dict(torch.load(outdir / 'model_best.pth.tar', map_location='cpu',
-                                         weights_only=True)['state_dict'])
+    from timm_mkd.safe_load import load_checkpoint
+    reference.load_state_dict(load_checkpoint(str(outdir / 'model_best.pth.tar'))['state_dict'])
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(x), reference(x))
