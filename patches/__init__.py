@@ -26,7 +26,7 @@ from .common import MKDRun, MKDSetupError, UnsupportedTrainPy, load_train_module
 __all__ = [
     'ADAPTERS', 'Selection', 'select', 'looks_like_timm_train_py', 'how_to_get_train_py', 'fix_for',
     'check_pair', 'train_py_url', 'NEWEST_KNOWN_RELEASE', 'SUPPORTED_RELEASES_TEXT', 'UnsupportedTrainPy',
-    'MKDSetupError',
+    'MKDSetupError', 'release',
 ]
 
 _logger = logging.getLogger('train_mkd')
@@ -152,6 +152,26 @@ class Selection:
         module = load_train_module(self.path)
         run = self.adapter.apply(module)
         return module, run
+
+
+def release(run: MKDRun) -> None:
+    """Drop the MKD task once train.py's ``main()`` has returned, while the interpreter is alive.
+
+    train.py destroys its process group at the end of ``main()``, but the task keeps the DDP
+    student (and through it the C++ process group) alive, and task <-> optimizer hooks form a
+    reference cycle. Left alone, the group is freed in interpreter shutdown, where gloo can abort
+    the process ("terminate called without an active exception"). Detaching the hooks and
+    collecting now frees it here.
+
+    Args:
+        run: the run state ``Selection.load`` returned.
+    """
+    import gc
+    task = getattr(run, 'task', None)
+    if task is not None:
+        task.detach()
+        run.task = None
+    gc.collect()
 
 
 def looks_like_timm_train_py(text: str) -> bool:

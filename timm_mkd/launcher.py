@@ -286,6 +286,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> No
         _die(prog, str(e), 1)
     if export_dir:
         _export_after_run(prog, run, export_dir)
+    adapters.release(run)
 
 
 def _export_after_run(prog: str, run, export_dir: str) -> None:
