@@ -69,6 +69,7 @@ def test_round_trip_through_timm_create_model(run_dir, tmp_path):
 
     cfg = info['create_model']
     assert cfg['pretrained_cfg_overlay']['file'] == weights
+    assert timm.models.get_pretrained_cfg(MODEL).custom_load  # the .npz loader the overlay must switch off
     model = timm.create_model(**cfg).eval()  # the documented route: pretrained_cfg_overlay=dict(file=...)
     x, _ = fmnist_batches(8, split='test')
     with torch.no_grad():

@@ -110,7 +110,8 @@ def _create_model_kwargs(args: Dict[str, Any], state_dict, weights: str) -> Dict
     in_chans = args.get('in_chans') or (input_size[0] if input_size else 3)
     kwargs = dict(args.get('model_kwargs') or {})
     num_classes = args.get('num_classes')
-    overlay = {'file': weights}
+    # custom_load=False: some configs (e.g. ViT augreg) name a .npz loader that cannot read safetensors
+    overlay = {'file': weights, 'custom_load': False}
     if num_classes is not None:
         kwargs['num_classes'] = overlay['num_classes'] = num_classes  # keeps timm from dropping the head
     if input_size:
