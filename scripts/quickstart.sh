@@ -50,15 +50,16 @@ rm -rf "$OUT/student"
     --teacher resnet18 --teacher-checkpoint "$OUT/teacher/last.pth.tar" --mkd --mkd-export "$OUT/student/export"
 $PY -m timm_mkd.plot "$OUT/student"
 
-# Expected ranges: our CPU runs of exactly this job (README, "The quickstart's numbers").
+# Expected ranges (README, "The quickstart's numbers"): top-1 around our CPU runs of exactly this
+# job; temperatures within what 23 meta steps of Adam at lr 0.02 can move them from 1.0.
 $PY - "$OUT" "$((SECONDS - START))" <<'EOF'
 import csv, sys
 out, seconds = sys.argv[1], int(sys.argv[2])
 expected = {  # column: (low, high), one epoch each
     'teacher eval_top1': (78.0, 84.0),
     'student eval_top1': (40.0, 56.0),
-    'student tau_t': (0.8, 1.3),
-    'student tau_s': (0.8, 1.3),
+    'student tau_t': (0.6, 1.6),
+    'student tau_s': (0.6, 1.6),
 }
 rows = {name: list(csv.DictReader(open(f'{out}/{name}/summary.csv')))[-1] for name in ('teacher', 'student')}
 print(f'\nquickstart results after {seconds} s (expected: the range of our runs; one epoch each):')

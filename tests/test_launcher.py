@@ -74,6 +74,21 @@ def test_newest_known_release_is_derived_from_the_adapters():
     assert patches.NEWEST_KNOWN_SHA256 in patches.gen_1_0_27.SHA256
 
 
+def test_no_message_names_another_release_than_the_adapters():
+    """One version string everywhere: README, the quickstart and the test skip name the same release."""
+    newest = patches.NEWEST_KNOWN_RELEASE
+    with open(os.path.join(REPO, 'README.md')) as f:
+        readme = f.read()
+    assert f'installs **timm {newest}**' in readme
+    assert set(re.findall(r"timm==(\d+\.\d+\.\d+)", readme)) == {newest}
+    assert f'/v{newest}/train.py' in readme
+    with open(os.path.join(REPO, 'tests', 'test_train_mkd_trainpy.py')) as f:
+        assert 'NEWEST_KNOWN_RELEASE' in f.read()
+    with open(os.path.join(REPO, 'scripts', 'quickstart.sh')) as f:
+        quickstart = f.read()
+    assert not re.search(r'1\.0\.\d+', quickstart)  # it asks the adapters (scripts/train_py_source.py)
+
+
 def test_help_without_train_py_lists_the_mkd_flags(tmp_path):
     result = _run([TRAIN_MKD, '--help'], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
