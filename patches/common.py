@@ -86,29 +86,6 @@ REQUIRED_IMPORTS = {
 REQUIRED_DEFS = ('_parse_args', 'main', 'train_one_epoch')
 REQUIRED_ASSIGNS = ('parser', 'config_parser')
 
-SUPPORTED_RELEASES_TEXT = 'timm 1.0.27, 1.0.28 and 1.0.29.dev0 (main as of July 2026)'
-
-
-def how_to_get_train_py(version: Optional[str] = None) -> str:
-    """Shell commands that fetch the train.py matching timm ``version`` (default: the installed one).
-
-    train.py ships in the pytorch-image-models repository, not in timm's wheel or sdist; each
-    release is tagged ``v<version>``. A ``.devN`` version has no tag: its train.py is on main.
-    """
-    if version is None:
-        import timm
-        version = timm.__version__
-    repo = 'https://github.com/huggingface/pytorch-image-models'
-    if 'dev' in version:
-        clone = f'git clone --depth 1 {repo}    # timm {version} is a development version: use main'
-    else:
-        clone = f'git clone --depth 1 --branch v{version} {repo}'
-    return (
-        f'    {clone}\n'
-        f'    python train_mkd.py --timm-train pytorch-image-models/train.py ...\n'
-        f'  or: export TIMM_TRAIN_PY=$PWD/pytorch-image-models/train.py')
-
-
 class UnsupportedTrainPy(RuntimeError):
     """train.py is not one the patches know; nothing has been patched or run."""
 

@@ -2,6 +2,7 @@
 import json
 import os
 import socket
+import weakref
 
 import pytest
 import torch
@@ -64,9 +65,16 @@ def _worker(rank, world_size, port, out_dir):
         mismatch_error = str(e)
     with open(os.path.join(out_dir, f'rank{rank}.json'), 'w') as f:
         json.dump({'temps': temps, 'meta_drawn': meta.drawn, 'mismatch_error': mismatch_error}, f)
-    # Tear down together: a rank that destroys its group while the other still talks to the store
-    # (rank 0 hosts it) can make gloo abort the other process ("terminate called without an active exception").
+    # Tear down while the interpreter is fully alive. destroy_process_group() only unregisters the
+    # group: DDP (inside the task) keeps the C++ ProcessGroupGloo alive, and task <-> optimizer form a
+    # reference cycle (the meta-step hooks are bound methods of the task), so without this the group
+    # died in the garbage collection of interpreter shutdown, where gloo's worker threads can hit a
+    # half torn-down interpreter and abort ("terminate called without an active exception", SIGABRT).
     dist.barrier()
+    ddp = weakref.ref(task.trainable_module)
+    task.detach()  # breaks the cycle: the optimizer no longer holds the task
+    del task, opt
+    assert ddp() is None, 'the DDP wrapper (and its process group) outlived the task'
     dist.destroy_process_group()
 
 
@@ -80,3 +88,27 @@ def test_ranks_hold_identical_temperatures(tmp_path):
     assert set(r0['meta_drawn']).isdisjoint(r1['meta_drawn'])  # each rank its own meta samples
     for r in (r0, r1):
         assert 'temperatures differ across ranks' in r['mismatch_error']
+
+
+def test_release_frees_the_task_held_by_a_finished_run():
+    """What train-mkd does after train.py's main(): the task (and any DDP group in it) is freed at once."""
+    import gc
+    import types
+
+    from timm_mkd.launcher import load_adapters
+    student, teacher = SmallCNN(), SmallCNN(width=16)
+    task = MKDTask(student, teacher, meta_interval=2, verbose=False)
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    task.attach(opt, [fmnist_batches(8)])
+    run = types.SimpleNamespace(task=task)
+    alive = weakref.ref(task)
+    del task
+    gc.collect()
+    assert alive() is not None  # the run and the optimizer's hooks hold it
+    gc.disable()  # prove release() itself frees it, not a later automatic collection
+    try:
+        load_adapters().release(run)
+        assert alive() is None and run.task is None
+    finally:
+        gc.enable()
+    assert not opt._optimizer_step_post_hooks

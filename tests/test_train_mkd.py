@@ -6,8 +6,6 @@ and call order the patches probe, but none of train.py's code. The real train.py
 ``test_train_mkd_trainpy.py`` (marked ``trainpy``, needs ``TIMM_TRAIN_PY``).
 """
 import csv
-import importlib.util
-import logging
 import os
 import subprocess
 import sys
@@ -20,15 +18,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_MKD = os.path.join(REPO, 'train_mkd.py')
 
 
-def _load_train_mkd():
-    spec = importlib.util.spec_from_file_location('train_mkd_under_test', TRAIN_MKD)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from timm_mkd import launcher as train_mkd  # noqa: E402  (what train_mkd.py runs)
 
-
-train_mkd = _load_train_mkd()
-patches = train_mkd.load_patches()
+patches = train_mkd.load_adapters()
 
 
 def skeleton(
@@ -134,10 +126,9 @@ def test_not_found_gives_the_command_to_get_train_py(tmp_path):
     assert result.returncode == 2, result.stderr
     err = result.stderr
     assert "cannot find timm's train.py" in err
-    assert 'git clone' in err and 'https://github.com/huggingface/pytorch-image-models' in err
-    if 'dev' not in timm.__version__:
-        assert f'--branch v{timm.__version__}' in err
-    assert 'TIMM_TRAIN_PY' in err and '--timm-train' in err
+    assert patches.fix_for(timm.__version__) in err
+    assert 'https://raw.githubusercontent.com/huggingface/pytorch-image-models/' in err
+    assert 'TIMM_TRAIN_PY' in err and '--timm-train' in err and 'Offline' in err
     assert 'Traceback' not in err
 
 
@@ -197,7 +188,7 @@ def test_pop_timm_train(argv, path, rest):
 
 
 def test_patches_load_under_a_private_name():
-    assert patches.__name__ == '_timm_mkd_patches'
+    assert patches.__name__ == 'timm_mkd._patches'
     assert 'patches' not in sys.modules or sys.modules['patches'] is not patches
 
 
@@ -214,11 +205,11 @@ def test_too_old_timm_is_refused(tmp_path):
 # recognising the generation
 # ------------------------------------------------------------------------------------------------
 
-def test_skeleton_of_each_generation_is_recognised(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger='train_mkd'):
-        sel = patches.select(write(tmp_path, 'a.py', skeleton(generation='1.0.27')))
-    assert sel.generation == '1.0.27' and sel.known_as is None
-    assert 'not a train.py file of a known timm release' in caplog.text
+def test_skeleton_of_each_generation_is_recognised(tmp_path):
+    sel = patches.select(write(tmp_path, 'a.py', skeleton(generation='1.0.27')))
+    assert sel.generation == '1.0.27' and sel.known_as is None and sel.releases == ()
+    warning = patches.check_pair(sel, '1.0.27')
+    assert 'is not the train.py of a known timm release' in warning and 'timm 1.0.27 is installed' in warning
     sel = patches.select(write(tmp_path, 'b.py', skeleton(generation='1.0.29.dev0')))
     assert sel.generation == '1.0.29.dev0'
 
@@ -268,7 +259,11 @@ def test_help_lists_the_mkd_group(tmp_path):
                  '--mkd-meta-batch-size'):
         assert flag in result.stdout
     assert '--timm-train' in result.stdout and script in result.stdout.replace('\n', '')
-    assert 'not a train.py file of a known timm release' in result.stderr
+    assert '--mkd-export' in result.stdout
+    warnings = [line for line in result.stderr.splitlines() if 'warning:' in line]
+    assert len(warnings) == 1, result.stderr  # one warning, naming the file and the installed timm
+    assert 'is not the train.py of a known timm release' in warnings[0]
+    assert f'timm {timm.__version__} is installed' in warnings[0]
 
 
 def test_flag_errors_exit_2_with_message(tmp_path):
@@ -325,7 +320,7 @@ def test_teacher_flag_and_yaml_config(tmp_path):
 
 def test_summary_row_adds_mkd_columns(tmp_path):
     from collections import OrderedDict
-    common = sys.modules['_timm_mkd_patches.common']
+    common = sys.modules['timm_mkd._patches.common']
     path = str(tmp_path / 'summary.csv')
     extra = {'tau_t': 3.5, 'tau_s': 4.5, 'kd_loss': 0.25, 'meta_loss': 1.5, 'meta_skipped': 0}
     common.write_summary_row(0, OrderedDict(loss=2.0), OrderedDict(top1=50.0), path, lr=0.1, extra=extra)
@@ -339,7 +334,7 @@ def test_summary_row_adds_mkd_columns(tmp_path):
 
 def test_utils_proxy_leaves_timm_utils_alone():
     import timm.utils
-    common = sys.modules['_timm_mkd_patches.common']
+    common = sys.modules['timm_mkd._patches.common']
     proxy = common._UtilsProxy(timm.utils)
     proxy.update_summary = lambda *a, **k: 'patched'
     assert proxy.update_summary() == 'patched'

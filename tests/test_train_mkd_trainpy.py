@@ -2,8 +2,8 @@
 
 train.py is not in timm's wheel, so CI cannot run these. Locally::
 
-    git -C pytorch-image-models show v1.0.28:train.py > /tmp/train_v1.0.28.py
-    TIMM_TRAIN_PY=/tmp/train_v1.0.28.py python -m pytest -m trainpy tests/test_train_mkd_trainpy.py
+    curl -fsSL -o /tmp/train.py <the URL patches.fix_for(timm.__version__) prints>
+    TIMM_TRAIN_PY=/tmp/train.py python -m pytest -m trainpy tests/test_train_mkd_trainpy.py
 
 Every run is a real subprocess of ``train_mkd.py`` (or of train.py itself, for the teacher and
 for the "same as train.py" comparison) on a small image folder written from Debian's
@@ -36,8 +36,11 @@ MKD_COLUMNS = ('tau_t', 'tau_s', 'kd_loss', 'meta_loss')
 def train_py():
     path = os.environ.get('TIMM_TRAIN_PY')
     if not path:
-        pytest.skip('set TIMM_TRAIN_PY to the train.py of a supported timm release (it is not in the timm '
-                    'wheel): git -C pytorch-image-models show v1.0.28:train.py > /tmp/train.py')
+        from timm_mkd.launcher import load_adapters
+        adapters = load_adapters()
+        pytest.skip(f'set TIMM_TRAIN_PY to the train.py of timm {adapters.NEWEST_KNOWN_RELEASE} (it is not in '
+                    f'the timm wheel): curl -fsSL -o /tmp/train.py '
+                    f'{adapters.train_py_url(adapters.NEWEST_KNOWN_RELEASE)}   # NEWEST_KNOWN_RELEASE')
     if not os.path.isfile(path):
         pytest.fail(f'TIMM_TRAIN_PY={path}: no such file')
     return os.path.abspath(path)
@@ -138,9 +141,31 @@ def mkd_run(train_py, data_root, workdir, teacher_ckpt):
     """The main MKD run: ViT student, resnet18 teacher, RandAugment + mixup + cutmix, 2 epochs."""
     args = base_args(data_root, workdir / 'out', 'mkd', model=None, epochs=2)
     result = ok(run_mkd(train_py, args + VIT + mkd_flags(teacher_ckpt) + [
-        '--aa', 'rand-m9-mstd0.5', '--mixup', '0.8', '--cutmix', '1.0', '--opt', 'adamw', '--lr', '1e-3'],
-        cwd=workdir))
+        '--aa', 'rand-m9-mstd0.5', '--mixup', '0.8', '--cutmix', '1.0', '--opt', 'adamw', '--lr', '1e-3',
+        '--mkd-export', str(workdir / 'export')], cwd=workdir))
     return workdir / 'out' / 'mkd', result
+
+
+def test_mkd_export_flag_writes_a_loadable_student(mkd_run, workdir, data_root):
+    """--mkd-export: the best checkpoint's student, rebuilt by timm.create_model, gives the same outputs."""
+    import json
+    import timm
+    import torch
+    outdir, result = mkd_run
+    info = json.loads((workdir / 'export' / 'mkd_student.json').read_text())
+    assert info['checkpoint'] == str(outdir / 'model_best.pth.tar')
+    row = read_csv(outdir / 'summary.csv')[info['epoch']]
+    assert info['temperatures']['tau_t'] == pytest.approx(float(row['tau_t']), rel=1e-5)
+    assert info['train_args']['model'] == 'vit_tiny_patch16_224' and info['train_args']['mkd'] is True
+    model = timm.create_model(**info['create_model']).eval()
+    reference = timm.create_model('vit_tiny_patch16_224', num_classes=10, img_size=32, patch_size=4, depth=2,
+                                  embed_dim=64, num_heads=2).eval()
+    from timm_mkd.safe_load import load_checkpoint
+    reference.load_state_dict(load_checkpoint(str(outdir / 'model_best.pth.tar'))['state_dict'])
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(x))
+    assert 'exported the student to' in result.log
 
 
 def assert_mkd_summary(outdir, epochs, tau_min=0.5, tau_max=20.0):
@@ -195,7 +220,25 @@ def test_modified_train_py_warns_and_runs(train_py, tmp_path):
     (tmp_path / 'edited_train.py').write_text(text + '\n# a local edit\n')
     result = ok(run([sys.executable, TRAIN_MKD, '--timm-train', str(tmp_path / 'edited_train.py'), '--help'],
                     cwd=tmp_path))
-    assert 'not a train.py file of a known timm release' in result.stderr
+    warnings = [line for line in result.stderr.splitlines() if 'warning:' in line]
+    assert len(warnings) == 1 and 'is not the train.py of a known timm release' in warnings[0]
+    import timm
+    assert f'timm {timm.__version__} is installed' in warnings[0]
+
+
+def test_release_pairing_is_reported(train_py, tmp_path):
+    """The real train.py and the installed timm: silent when they are one release, else one warning naming both."""
+    import timm
+    from timm_mkd.launcher import load_adapters
+    selection = load_adapters().select(train_py)
+    result = ok(run([sys.executable, TRAIN_MKD, '--timm-train', train_py, '--help'], cwd=tmp_path))
+    warnings = [line for line in result.stderr.splitlines() if 'warning:' in line]
+    if timm.__version__ in selection.releases:
+        assert warnings == [], result.stderr
+    else:
+        assert len(warnings) == 1, result.stderr
+        assert f'timm {timm.__version__} is installed' in warnings[0]
+        assert (selection.known_as or 'not the train.py of a known timm release') in warnings[0]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ loads all of them with ``weights_only=True`` (no pickle code execution) and chec
 training step, the mistakes that otherwise surface much later or silently: a checkpoint for
 another class count or architecture, and a channel count that differs from the student's.
 """
-import argparse
 import logging
 import os
 from typing import Dict, Optional, Sequence, Tuple, Union
@@ -47,14 +46,13 @@ def read_checkpoint(path: str):
             raise ValueError(
                 f"teacher checkpoint '{path}' is not a readable safetensors file ({type(e).__name__}: {e}). "
                 f"Fix: re-export it with safetensors.torch.save_file(model.state_dict(), path).") from e
+    from .safe_load import describe_load_error, load_checkpoint
     try:
-        # timm's train.py stores its argparse Namespace under 'args'; allow exactly that class.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
+        return load_checkpoint(path)
+    except Exception as e:  # never pass on torch's advice to retry with weights_only=False
         raise ValueError(
             f"teacher checkpoint '{path}' could not be read with torch.load(weights_only=True) "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). It is corrupt, truncated, or pickles "
+            f"({describe_load_error(e)}). It is corrupt, truncated, or pickles "
             f"objects other than tensors. Fix: point to a complete timm checkpoint or a .safetensors file.") from e
 
 
