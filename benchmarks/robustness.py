@@ -11,7 +11,6 @@ Usage:
     python benchmarks/robustness.py --tune --variant "estimator=calibration, ..." --out robustness_tune.png
 """
 import argparse
-import math
 import os
 import re
 import statistics

@@ -721,6 +721,7 @@ class MKDRun:
         Raises:
             MKDSetupError: naming the hook, what went wrong, and the fix.
         """
+        from . import SUPPORTED_RELEASES_TEXT, how_to_get_train_py  # the package's, loaded by now (no import cycle)
         path = getattr(self.module, '__file__', 'train.py')
         raise MKDSetupError(
             f'the {hook} hook of train_mkd.py did not take effect in {path}: {detail}. This train.py differs '

@@ -7,7 +7,6 @@ MKDTask, a real optimizer and timm's real CheckpointSaver; ``test_train_mkd_trai
 each hook inside a real, edited train.py.
 """
 import argparse
-import importlib.util
 import os
 import types
 
@@ -19,14 +18,11 @@ from small_models import SmallCNN, fmnist_batches
 from timm_mkd import MKDTask
 from timm_mkd.cli import validate_mkd_args
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _patches():
-    spec = importlib.util.spec_from_file_location('train_mkd_for_hooks', os.path.join(REPO, 'train_mkd.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.load_patches()
+    from timm_mkd.launcher import load_adapters
+    return load_adapters()
 
 
 patches = _patches()
