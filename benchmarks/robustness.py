@@ -17,7 +17,7 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from quality import RESULTS, file_sha, parse_args as quality_args, read_rows, teacher_path  # noqa: E402
+from quality import RESULTS, file_sha, parse_args as quality_args, read_rows, short_variant, teacher_path  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -81,6 +81,8 @@ def main(argv=None):
                 ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt=style,
                             capsize=3, label=label + f" (n={min(p[3] for p in pts)}-{max(p[3] for p in pts)} seeds)")
         ax.set_xscale('log', base=2)
+        ax.set_xticks([1, 2, 4, 8])
+        ax.set_xticklabels(['1', '2', '4', '8'])
         ax.set_xlabel('temperature (fixed for KD, initial for MKD)')
         ax.set_ylabel(f"top-1 on the {'validation' if a.tune else 'test'} split (%)")
         ax.set_title(('ViT' if suffix == '' else suffix.strip('_').upper()) + ' study', fontsize=10)
@@ -102,7 +104,7 @@ def main(argv=None):
         ax.grid(alpha=0.3)
         if taus:
             ax.legend(fontsize=7)
-    fig.suptitle(f"MKD ({a.variant}) against fixed-temperature KD", fontsize=10)
+    fig.suptitle(f"MKD ({short_variant(a.variant)}) against fixed-temperature KD", fontsize=9)
     fig.tight_layout()
     out = a.out or ('robustness_tune.png' if a.tune else 'robustness.png')
     out = out if os.path.isabs(out) else os.path.join(RESULTS, out)
