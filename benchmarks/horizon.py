@@ -26,7 +26,6 @@ Usage:
 """
 import argparse
 import copy
-import csv
 import math
 import os
 import sys
@@ -65,12 +64,7 @@ def parse_args(argv=None):
 
 
 def append(path, row):
-    new = not os.path.isfile(path)
-    with open(path, 'a', newline='') as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            w.writeheader()
-        w.writerow({k: row.get(k, '') for k in FIELDS})
+    quality.append_row(path, row, FIELDS)
 
 
 def build(q, seed):

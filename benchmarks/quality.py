@@ -328,19 +328,21 @@ def read_rows(path):
         return list(csv.DictReader(f))
 
 
-def append_row(path, row):
+def append_row(path, row, fields=None):
+    """Append ``row`` to the CSV at ``path`` (columns ``fields``, default ``FIELDS``), flushed to disk at once."""
+    fields = fields or FIELDS
     rows = read_rows(path)
-    if rows and list(rows[0]) != FIELDS:  # a CSV from before a column was added: rewrite it with every column
+    if rows and list(rows[0]) != fields:  # a CSV from before a column was added: rewrite it with every column
         with open(path, 'w', newline='') as f:
-            w = csv.DictWriter(f, fieldnames=FIELDS)
+            w = csv.DictWriter(f, fieldnames=fields)
             w.writeheader()
-            w.writerows({k: r.get(k) or '' for k in FIELDS} for r in rows)
+            w.writerows({k: r.get(k) or '' for k in fields} for r in rows)
     new = not os.path.isfile(path)
     with open(path, 'a', newline='') as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w = csv.DictWriter(f, fieldnames=fields)
         if new:
             w.writeheader()
-        w.writerow({k: row.get(k, '') for k in FIELDS})
+        w.writerow({k: row.get(k, '') for k in fields})
         f.flush()
         os.fsync(f.fileno())
 
