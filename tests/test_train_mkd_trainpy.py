@@ -538,7 +538,7 @@ def test_hook_that_did_not_take_effect_stops_the_run(train_py, data_root, workdi
     name = 'hook_' + hook.replace(' ', '_')
     result = run_mkd(str(edited), base_args(data_root, workdir / 'out', name) + mkd_flags(teacher_ckpt), cwd=workdir)
     assert result.returncode == 1, result.log[-4000:]
-    assert 'not a train.py file of a known timm release' in result.stderr  # it passed the structure probes
+    assert 'is not the train.py of a known timm release' in result.stderr  # it passed the structure probes
     last = result.stderr.strip().splitlines()
     message = next(l for l in last if l.startswith('train_mkd.py: error:'))
     assert f'the {hook} hook of train_mkd.py did not take effect' in message and 'Fix:' in message
