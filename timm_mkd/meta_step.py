@@ -271,22 +271,28 @@ def _meta_gradient(student, optimizer, theta, meta_input, meta_target, meta_auto
     return named, out, meta_loss_value.detach()
 
 
+def _norm(tensors) -> torch.Tensor:
+    """Euclidean norm of a list of tensors, in float64."""
+    return torch.sqrt(sum((t.double() ** 2).sum() for t in tensors))
+
+
+def _shifted(base: Dict[str, torch.Tensor], names, w, step: float) -> Dict[str, torch.Tensor]:
+    """``base + step * w`` per name, computed in ``w``'s (at least float32) dtype and returned in ``base``'s."""
+    return {n: (base[n].to(w_i.dtype) + step * w_i).to(base[n].dtype) for n, w_i in zip(names, w)}
+
+
 def _directional_hypergradient(student, named, theta, w, batch, log_taus, kd_weight, fd_eps, kd_scale, mode,
                                meta_loss_value) -> HyperGradient:
     """``-grad_tau [w . g(theta, tau)]`` by a central finite difference of two forwards at ``theta +- e w``."""
     names = [n for n, _, _ in named]
     device = batch.input.device
-    w_norm = torch.sqrt(sum((w_i.double() ** 2).sum() for w_i in w))
+    w_norm = _norm(w)
     if not torch.isfinite(w_norm) or w_norm == 0:
         grad = torch.full((2,), float('nan') if not torch.isfinite(w_norm) else 0.0, device=device)
         return HyperGradient(grad=grad, meta_loss=float(meta_loss_value), epsilon=0.0)
     eps = fd_eps / float(w_norm)
-
-    def perturbed(sign: float) -> Dict[str, torch.Tensor]:
-        return {n: (theta[n].to(w_i.dtype) + (sign * eps) * w_i).to(theta[n].dtype) for n, w_i in zip(names, w)}
-
-    logits_plus = _student_logits(student, perturbed(+1.0), batch)
-    logits_minus = _student_logits(student, perturbed(-1.0), batch)
+    logits_plus = _student_logits(student, _shifted(theta, names, w, eps), batch)
+    logits_minus = _student_logits(student, _shifted(theta, names, w, -eps), batch)
     grad = -_kd_tau_grad(logits_plus, logits_minus, batch, log_taus, kd_weight, kd_scale, mode) / (2.0 * eps)
     return HyperGradient(grad=grad, meta_loss=float(meta_loss_value), epsilon=eps)
 
@@ -339,14 +345,12 @@ def neumann_hypergradient(
     total = [w_i.clone() for w_i in w]
     current = {n: p.detach() for n, p, _ in named}
     for _ in range(int(terms)):
-        norm = float(torch.sqrt(sum((w_i.double() ** 2).sum() for w_i in w)))
+        norm = float(_norm(w))
         if not math.isfinite(norm) or norm == 0:
             break
         e = hvp_eps / norm
-        sides = []
-        for sign in (1.0, -1.0):
-            params = {n: (current[n].to(w_i.dtype) + sign * e * w_i).to(current[n].dtype) for n, w_i in zip(names, w)}
-            sides.append(_train_gradient(student, params, batch, criterion, task_weight, log_taus, kd_weight, kd_scale))
+        sides = [_train_gradient(student, _shifted(current, names, w, step), batch, criterion, task_weight, log_taus,
+                                 kd_weight, kd_scale) for step in (e, -e)]
         hw = [(gp - gm).to(w_i.dtype) / (2 * e) if gp is not None else torch.zeros_like(w_i)
               for gp, gm, w_i in zip(sides[0], sides[1], w)]
         w = [w_i - scale * j * h for w_i, j, h in zip(w, jac, hw)]

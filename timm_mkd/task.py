@@ -366,14 +366,13 @@ class MKDTask(TrainingTask):
         self._callbacks.append(fn)
 
     def _before_update(self, optimizer, args, kwargs) -> None:
-        # The calibration estimator needs no look-ahead, so no snapshot of the parameters.
-        if (self.updates + 1) % self.meta_interval == 0 and self.estimator != 'calibration':
+        if (self.updates + 1) % self.meta_interval == 0 and self._needs_lookahead:
             student = unwrap_model(self.trainable_module)
             self._theta = {n: p.detach().clone() for n, p, _ in optimizer_params(student, optimizer)}
 
     def _after_update(self, optimizer, args, kwargs) -> None:
         self.updates += 1
-        if self.updates % self.meta_interval == 0 and (self._theta is not None or self.estimator == 'calibration'):
+        if self.updates % self.meta_interval == 0 and (self._theta is not None or not self._needs_lookahead):
             try:
                 self.meta_step()
             finally:
@@ -397,7 +396,7 @@ class MKDTask(TrainingTask):
         Returns:
             The record passed to meta callbacks: step, tau_t, tau_s, meta_loss, hypergrad_t, hypergrad_s, skipped.
         """
-        if self._last_batch is None or (self._theta is None and self.estimator != 'calibration'):
+        if self._last_batch is None or (self._theta is None and self._needs_lookahead):
             raise RuntimeError("meta_step needs a training forward and the pre-update parameters; call it through attach().")
         student = unwrap_model(self.trainable_module)
         meta_input, meta_target = self._next_meta_batch()
@@ -440,8 +439,16 @@ class MKDTask(TrainingTask):
             fn(dict(self.last_record))
         return self.last_record
 
+    @property
+    def _needs_lookahead(self) -> bool:
+        """Whether the estimator differentiates through the look-ahead (needs the pre-update parameters)."""
+        return self.estimator != 'calibration'
+
     def _hypergradient(self, student: nn.Module, meta_input: torch.Tensor, meta_target: torch.Tensor):
         log_taus = (self.tau.log_tau_t, self.tau.log_tau_s)
+        if self.estimator == 'calibration' and self._meta_source is None:
+            # Training-stream meta batches: the teacher's logits on that batch are already at hand.
+            return calibration_hypergradient(self._last_batch.teacher_logits, meta_target, log_taus)
         if self.estimator == 'calibration':
             with torch.no_grad():
                 input_kd = self.teacher.normalize_input(meta_input, self.student_mean, self.student_std)
