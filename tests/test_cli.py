@@ -58,7 +58,7 @@ def test_full_mkd_command_line():
         '--mkd', '--teacher', 'resnet18', '--mkd-tau-t', '2', '--mkd-tau-s', '3', '--mkd-tau-min', '1',
         '--mkd-tau-max', '10', '--mkd-meta-interval', '5', '--mkd-meta-lr', '0.1', '--mkd-meta-data', '0.2',
         '--mkd-meta-batch-size', '16', '--mkd-temperatures', 'free', '--mkd-hypergrad', 'shape',
-        '--mkd-meta-loss', 'calibrated', '--mkd-estimator', 'neumann', '-b', '64')
+        '--mkd-meta-loss', 'calibrated', '--mkd-estimator', 'neumann', '--mkd-warm-start', '2', '-b', '64')
     assert opts.mkd and opts.teacher == 'resnet18'
     assert args.kd_model_name == 'resnet18'  # --teacher switches train.py into distillation
     assert (opts.tau_t, opts.tau_s, opts.tau_min, opts.tau_max) == (2.0, 3.0, 1.0, 10.0)
@@ -66,7 +66,7 @@ def test_full_mkd_command_line():
     assert opts.meta_data == MetaDataSpec('holdout', fraction=0.2)
     assert opts.task_kwargs() == dict(tau_t=2.0, tau_s=3.0, tau_min=1.0, tau_max=10.0, meta_interval=5, meta_lr=0.1,
                                       tie_temperatures=False, hypergrad_mode='shape', meta_loss='calibrated',
-                                      estimator='neumann')
+                                      estimator='neumann', warm_start_batches=2)
 
 
 def test_temperature_mode_flags_default_to_the_core():
@@ -76,7 +76,7 @@ def test_temperature_mode_flags_default_to_the_core():
     _, opts = parse('--mkd', '--teacher', 'resnet18')
     kw = opts.task_kwargs()
     for key in ('tau_t', 'tau_s', 'tie_temperatures', 'hypergrad_mode', 'meta_loss', 'estimator', 'meta_interval',
-                'meta_lr'):
+                'meta_lr', 'warm_start_batches'):
         assert kw[key] == params[key].default, key
     with pytest.raises(SystemExit):
         parse('--mkd', '--teacher', 'resnet18', '--mkd-temperatures', 'loose')
@@ -164,6 +164,7 @@ def test_parse_meta_data_errors(value, words):
     (['--mkd', '--teacher', 'a', '--mkd-tau-s', '0.1'], '--mkd-tau-s 0.1 is outside the bounds'),
     (['--mkd', '--teacher', 'a', '--mkd-tau-min', '0'], 'positive'),
     (['--mkd', '--teacher', 'a', '--mkd-meta-lr', '0'], '--mkd-meta-lr'),
+    (['--mkd', '--teacher', 'a', '--mkd-warm-start', '-1'], '--mkd-warm-start -1'),
     (['--mkd', '--teacher', 'a', '--mkd-meta-batch-size', '0'], '--mkd-meta-batch-size'),
     (['--mkd', '--teacher', 'a', '--mkd-meta-data', '1.0'], 'in (0, 1)'),
     (['--mkd', '--teacher', 'a', '--mkd-meta-data', '0'], 'in (0, 1)'),

@@ -1,5 +1,6 @@
 """The finite-difference hypergradient against the exact double-backward oracle."""
 import copy
+import math
 
 import pytest
 import timm
@@ -221,3 +222,36 @@ def test_calibration_gradient_vanishes_at_the_teachers_calibrated_temperature():
     z_bad[:7] = float('nan')
     ref = calibration_hypergradient(z[7:], ym[7:], (torch.tensor(0.3), torch.tensor(0.0))).grad
     assert torch.allclose(calibration_hypergradient(z_bad, ym, (torch.tensor(0.3), torch.tensor(0.0))).grad, ref)
+
+
+def test_calibrated_log_temperature_solves_what_the_calibration_gradient_follows():
+    """The warm start's exact solver returns the grid minimum of the teacher's NLL, the nearer bound when the
+    minimum lies outside the bounds, the same answer for one-hot soft targets, and ignores non-finite rows."""
+    from timm_mkd.meta_step import calibrated_log_temperature
+    torch.manual_seed(0)
+    teacher = SmallCNN(width=16, drop=0.0).double().eval()
+    opt = torch.optim.AdamW(teacher.parameters(), lr=3e-3)
+    x, y = fmnist_batches(256, dtype=torch.float64)
+    for _ in range(30):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(teacher.train()(x), y).backward()
+        opt.step()
+    xm, ym = fmnist_batches(256, offset=3000, dtype=torch.float64)
+    with torch.no_grad():
+        z = teacher.eval()(xm)
+    grid = torch.linspace(math.log(0.25), math.log(8.0), 6001, dtype=torch.float64)
+    nll = torch.stack([torch.nn.functional.cross_entropy(z / t.exp(), ym) for t in grid])
+    best = float(grid[nll.argmin()])
+    solved = float(calibrated_log_temperature(z, ym, 0.25, 8.0))
+    print('grid', best, 'solved', solved)
+    assert abs(solved - best) < 2 * float(grid[1] - grid[0])
+    soft = torch.nn.functional.one_hot(ym, 10).double()
+    assert float(calibrated_log_temperature(z, soft, 0.25, 8.0)) == pytest.approx(solved, abs=1e-9)
+    z_bad = z.clone()
+    z_bad[:5, 3] = float('inf')
+    assert float(calibrated_log_temperature(z_bad, ym, 0.25, 8.0)) == pytest.approx(
+        float(calibrated_log_temperature(z[5:], ym[5:], 0.25, 8.0)), abs=1e-9)
+    tau_best = math.exp(best)
+    assert float(calibrated_log_temperature(z, ym, tau_best * 2, tau_best * 4)) == pytest.approx(math.log(tau_best * 2))
+    assert float(calibrated_log_temperature(z, ym, tau_best / 4, tau_best / 2)) == pytest.approx(math.log(tau_best / 2))
+    assert math.isnan(float(calibrated_log_temperature(z_bad[:5], ym[:5], 0.25, 8.0)))

@@ -4,6 +4,7 @@ The technique: optimizer step post-hooks run in registration order, so a hook re
 *before* ``task.attach`` sees the state right after the real optimizer update, and one registered
 *after* it sees the state after the meta step. Everything but the temperatures must match.
 """
+import math
 import warnings
 
 import pytest
@@ -241,3 +242,46 @@ def test_non_finite_teacher_logits_never_reach_temperatures_or_student():
     assert all(torch.isfinite(p).all() for p in student.parameters())
     tau_t, tau_s = task.temperatures()
     assert (tau_t, tau_s) != (1.0, 1.0) and all(0.5 <= t <= 20.0 for t in (tau_t, tau_s))
+
+
+@pytest.mark.parametrize('tau', (1.0, 4.0, 8.0))
+def test_warm_start_lands_on_the_calibrated_temperature_from_any_start(tau):
+    """The calibration estimator's first meta step sets tau_t to the exact minimiser of the teacher's NLL on
+    ``warm_start_batches`` meta batches, whatever the initial value; tied tau_s keeps its ratio; the steps after it
+    follow the gradient (they move tau by at most about meta_lr in log space)."""
+    from timm_mkd.meta_step import calibrated_log_temperature
+    batches = [fmnist_batches(32, offset=2000 + 32 * i) for i in range(3)]
+    task, _, _ = _run(steps=1, meta_batches=batches, tau_t=tau, tau_s=tau / 2, warm_start_batches=3, tau_min=0.1)
+    with torch.no_grad():
+        logits = torch.cat([task.teacher(x, return_features=False) for x, _ in batches])
+    expected = math.exp(float(calibrated_log_temperature(logits, torch.cat([y for _, y in batches]), 0.1, 20.0)))
+    tau_t, tau_s = task.temperatures()
+    assert tau_t == pytest.approx(expected, rel=1e-5)
+    assert tau_s == pytest.approx(expected / 2, rel=1e-5)
+    assert task.last_record['hypergrad_t'] == 0.0 and task.meta_steps == 1
+    before = math.log(tau_t)
+    task2, _, _ = _run(steps=3, meta_batches=batches, tau_t=tau, tau_s=tau / 2, warm_start_batches=3, tau_min=0.1)
+    assert abs(math.log(task2.temperatures()[0]) - before) <= 2 * 0.1 + 1e-6
+
+
+def test_warm_start_off_walks_from_the_initial_value():
+    task, _, _ = _run(steps=1, tau_t=8.0, tau_s=8.0, warm_start_batches=0)
+    assert abs(math.log(8.0) - math.log(task.temperatures()[0])) == pytest.approx(0.1, rel=1e-3)  # one Adam step
+
+
+def test_warm_start_happens_once_and_not_again_after_resume():
+    """A resumed task whose checkpoint has applied meta steps does not jump again."""
+    task, _, _ = _run(steps=2, tau_t=8.0, tau_s=8.0)
+    state = task.get_task_state()
+    torch.manual_seed(0)
+    student = SmallCNN(drop=0.3)
+    resumed = MKDTask(student, SmallCNN(width=16, drop=0.0), tau_t=8.0, tau_s=8.0, meta_interval=1, verbose=False)
+    opt = torch.optim.SGD(student.parameters(), lr=0.05)
+    resumed.attach(opt, [fmnist_batches(32, offset=2000)])
+    resumed.load_task_state(state)
+    assert not resumed._warm_start_due
+    x, y = fmnist_batches(32)
+    opt.zero_grad()
+    resumed(x, y)['loss'].backward()
+    opt.step()
+    assert abs(math.log(resumed.temperatures()[0]) - math.log(task.temperatures()[0])) <= 0.1 + 1e-6

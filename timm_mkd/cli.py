@@ -33,7 +33,8 @@ __all__ = [
 
 # Fallback defaults, used only when the core's MKDTask signature cannot be read (see _core_defaults).
 _FALLBACK_DEFAULTS = dict(tau_t=1.0, tau_s=1.0, tau_min=0.5, tau_max=20.0, meta_interval=10, meta_lr=0.1,
-                          tie_temperatures=True, hypergrad_mode='full', meta_loss='calibrated', estimator='calibration')
+                          tie_temperatures=True, hypergrad_mode='full', meta_loss='calibrated', estimator='calibration',
+                          warm_start_batches=4)
 
 #: Default of ``--mkd-meta-data``: hold out 5% of the training split.
 DEFAULT_META_DATA = '0.05'
@@ -76,6 +77,7 @@ MKD_DESTS: Dict[str, Any] = {
     'mkd_hypergrad': MKD_DEFAULTS['hypergrad_mode'],
     'mkd_meta_loss': MKD_DEFAULTS['meta_loss'],
     'mkd_estimator': MKD_DEFAULTS['estimator'],
+    'mkd_warm_start': MKD_DEFAULTS['warm_start_batches'],
     'mkd_meta_data': DEFAULT_META_DATA,
     'mkd_meta_batch_size': None,
 }
@@ -161,6 +163,11 @@ def add_mkd_args(parser_or_group) -> None:
              'next step); neumann: implicit differentiation, 5 Hessian-vector products per meta step '
              f'(default: {d["mkd_estimator"]}).')
     group.add_argument(
+        '--mkd-warm-start', default=d['mkd_warm_start'], type=int, metavar='BATCHES',
+        help='calibration estimator: the first meta step sets the temperature to the exact minimiser of the '
+             'teacher\'s NLL on this many meta batches, so the start value does not matter; 0: walk from '
+             f'--mkd-tau-t (default: {d["mkd_warm_start"]}).')
+    group.add_argument(
         '--mkd-meta-data', default=d['mkd_meta_data'], type=str, metavar='SOURCE',
         help='Where meta batches come from: a fraction such as 0.05 (hold out that share of the '
              'training split; those samples leave training), split:NAME (another split of --dataset), '
@@ -236,6 +243,7 @@ class MKDOptions:
     hypergrad_mode: str
     meta_loss: str
     estimator: str
+    warm_start_batches: int
     meta_data: Optional[MetaDataSpec]
     meta_batch_size: Optional[int]
 
@@ -245,7 +253,7 @@ class MKDOptions:
             tau_t=self.tau_t, tau_s=self.tau_s, tau_min=self.tau_min, tau_max=self.tau_max,
             meta_interval=self.meta_interval, meta_lr=self.meta_lr,
             tie_temperatures=self.tie_temperatures, hypergrad_mode=self.hypergrad_mode, meta_loss=self.meta_loss,
-            estimator=self.estimator)
+            estimator=self.estimator, warm_start_batches=self.warm_start_batches)
 
 
 def mkd_flags_in_use(args: argparse.Namespace) -> Sequence[str]:
@@ -350,7 +358,7 @@ def validate_mkd_args(args: argparse.Namespace) -> Optional[MKDOptions]:
             tau_max=args.mkd_tau_max, meta_interval=args.mkd_meta_interval,
             meta_lr=args.mkd_meta_lr, tie_temperatures=args.mkd_temperatures == 'tied',
             hypergrad_mode=args.mkd_hypergrad, meta_loss=args.mkd_meta_loss, estimator=args.mkd_estimator,
-            meta_data=None, meta_batch_size=None)
+            warm_start_batches=args.mkd_warm_start, meta_data=None, meta_batch_size=None)
 
     distill_type = get('kd_distill_type', 'logit')
     if distill_type != 'logit':
@@ -385,6 +393,8 @@ def validate_mkd_args(args: argparse.Namespace) -> Optional[MKDOptions]:
             f'updates, so N must be >= 1 (e.g. 20)')
     if not (math.isfinite(args.mkd_meta_lr) and args.mkd_meta_lr > 0):
         raise MKDArgumentError(f'--mkd-meta-lr {args.mkd_meta_lr} must be a positive number')
+    if args.mkd_warm_start < 0:
+        raise MKDArgumentError(f'--mkd-warm-start {args.mkd_warm_start} must be >= 0 (0: no warm start, e.g. 4)')
     if args.mkd_meta_batch_size is None:
         args.mkd_meta_batch_size = get('batch_size')
     if args.mkd_meta_batch_size is not None and args.mkd_meta_batch_size < 1:
@@ -422,4 +432,5 @@ def validate_mkd_args(args: argparse.Namespace) -> Optional[MKDOptions]:
         meta_interval=args.mkd_meta_interval, meta_lr=args.mkd_meta_lr,
         tie_temperatures=args.mkd_temperatures == 'tied', hypergrad_mode=args.mkd_hypergrad,
         meta_loss=args.mkd_meta_loss, estimator=args.mkd_estimator, meta_data=spec,
+        warm_start_batches=args.mkd_warm_start,
         meta_batch_size=args.mkd_meta_batch_size)

@@ -393,6 +393,63 @@ def calibration_hypergradient(
     return HyperGradient(grad=grad, meta_loss=float(nll.detach()), epsilon=0.0)
 
 
+def calibrated_log_temperature(
+        teacher_logits: torch.Tensor,
+        meta_target: torch.Tensor,
+        tau_min: float,
+        tau_max: float,
+        iters: int = 50,
+) -> torch.Tensor:
+    """The minimiser in ``[log tau_min, log tau_max]`` of the teacher's NLL ``CE(z_t / tau, y)``, solved exactly.
+
+    The objective ``calibration_hypergradient`` follows, minimised in one go (the warm start of the
+    ``'calibration'`` estimator: the temperature no longer has to walk there from its initial value).
+    In ``v = 1 / tau`` the NLL is convex, with
+
+        f'(v) = mean_i( E_{p_v}[z_i] - y_i . z_i ),        f''(v) = mean_i( Var_{p_v}[z_i] ) >= 0,
+
+    so a Newton iteration safeguarded by bisection on the sign of ``f'`` finds the minimum; when it
+    lies outside the bounds the nearer bound is returned. Non-finite teacher rows are left out.
+
+    Returns:
+        0-dim float64 tensor ``log tau*`` (NaN when no row is finite).
+    """
+    z = teacher_logits.detach().to(torch.float64)
+    finite = torch.isfinite(z).all(dim=-1)
+    z = z[finite]
+    y = meta_target[finite].to(torch.float64) if _is_soft(meta_target, teacher_logits) \
+        else F.one_hot(meta_target[finite], z.shape[-1]).to(torch.float64)
+    if z.shape[0] == 0:
+        return torch.tensor(float('nan'), dtype=torch.float64)
+    z_y = (y * z).sum(-1)
+
+    def slope_curvature(v: float) -> Tuple[float, float]:
+        p = F.softmax(v * z, dim=-1)
+        mean = (p * z).sum(-1)
+        var = (p * (z - mean[:, None]) ** 2).sum(-1)
+        return float((mean - z_y).mean()), float(var.mean())
+
+    lo, hi = 1.0 / tau_max, 1.0 / tau_min
+    if slope_curvature(lo)[0] >= 0:
+        return torch.tensor(math.log(tau_max), dtype=torch.float64)
+    if slope_curvature(hi)[0] <= 0:
+        return torch.tensor(math.log(tau_min), dtype=torch.float64)
+    v = 0.5 * (lo + hi)
+    for _ in range(iters):
+        slope, curvature = slope_curvature(v)
+        if slope > 0:
+            hi = v
+        else:
+            lo = v
+        newton = v - slope / curvature if curvature > 0 else float('nan')
+        v_next = newton if lo < newton < hi else 0.5 * (lo + hi)
+        converged = abs(v_next - v) <= 1e-12 * v
+        v = v_next
+        if converged:
+            break
+    return torch.tensor(-math.log(v), dtype=torch.float64)
+
+
 def exact_hypergradient(
         student: nn.Module,
         optimizer: torch.optim.Optimizer,

@@ -13,7 +13,8 @@ from timm.task import DistillationTeacher, TrainingTask
 from timm.utils import unwrap_model
 
 from .loss import KD_SCALES, META_LOSSES, two_temperature_kd_loss
-from .meta_step import (ESTIMATORS, HYPERGRAD_MODES, TrainBatch, calibration_hypergradient, capture_rng_state,
+from .meta_step import (ESTIMATORS, HYPERGRAD_MODES, HyperGradient, TrainBatch, calibrated_log_temperature,
+                        calibration_hypergradient, capture_rng_state,
                         finite_difference_hypergradient, neumann_hypergradient, optimizer_params)
 from .teacher import build_teacher
 from .temperature import Temperatures
@@ -82,6 +83,10 @@ class MKDTask(TrainingTask):
             (``benchmarks/horizon.py``); use it with ``meta_interval=20, meta_lr=0.02``. ``'neumann'``: implicit
             differentiation with a ``neumann_terms``-term Neumann series scaled by ``neumann_scale``
             (``neumann_hypergradient``); a longer horizon in principle, the same upward sign measured.
+        warm_start_batches: ``'calibration'`` estimator only: the first meta step sets ``tau_t`` to the exact minimiser
+            of the teacher's NLL on this many meta batches (``calibrated_log_temperature``; ``tau_s`` moves with it when
+            tied), so the run does not spend its first hundreds of updates walking from the initial value; later meta
+            steps follow the gradient. 0: start from ``tau_t`` and walk.
         neumann_terms: Hessian-vector products of the ``'neumann'`` estimator (2 training gradients each).
         neumann_scale: step of the Neumann series relative to the optimizer's look-ahead Jacobian.
         hypergrad_mode: ``'full'`` (default): the plain one-step hypergradient, which also rewards a merely
@@ -126,6 +131,7 @@ class MKDTask(TrainingTask):
             hypergrad_mode: str = 'full',
             meta_loss: str = 'calibrated',
             estimator: str = 'calibration',
+            warm_start_batches: int = 4,
             neumann_terms: int = 5,
             neumann_scale: float = 1.0,
             student_mean: Optional[Sequence[float]] = None,
@@ -164,6 +170,9 @@ class MKDTask(TrainingTask):
         self.hypergrad_mode = _choice('hypergrad_mode', hypergrad_mode, HYPERGRAD_MODES)
         self.meta_loss = _choice('meta_loss', meta_loss, META_LOSSES)
         self.estimator = _choice('estimator', estimator, ESTIMATORS)
+        if int(warm_start_batches) != warm_start_batches or warm_start_batches < 0:
+            raise ValueError(f"warm_start_batches={warm_start_batches} must be an integer >= 0 (0: no warm start).")
+        self.warm_start_batches = int(warm_start_batches)
         self.neumann_terms = int(neumann_terms)
         self.neumann_scale = float(neumann_scale)
         self.meta_autocast = meta_autocast
@@ -400,7 +409,11 @@ class MKDTask(TrainingTask):
             raise RuntimeError("meta_step needs a training forward and the pre-update parameters; call it through attach().")
         student = unwrap_model(self.trainable_module)
         meta_input, meta_target = self._next_meta_batch()
-        hyper = self._hypergradient(student, meta_input, meta_target)
+        warm_start = self._warm_start_due
+        if warm_start:
+            hyper = self._warm_start(meta_input, meta_target)
+        else:
+            hyper = self._hypergradient(student, meta_input, meta_target)
         stats = torch.cat([hyper.grad.detach().to(torch.float64).reshape(2),
                            torch.tensor([hyper.meta_loss], dtype=torch.float64, device=hyper.grad.device)])
         stats = _average_across_ranks(stats)
@@ -424,7 +437,14 @@ class MKDTask(TrainingTask):
                 _logger.warning(message)
         else:
             self._consecutive_skips = 0
-            self._apply_meta_grad(grad)
+            if warm_start:
+                before = self.temperatures()[0]
+                self._jump_to(grad[0])
+                grad = torch.zeros_like(grad)  # the record's hypergradient: none was followed
+                _logger.info(f"MKD warm start (update {self.updates}): tau_t {before:.4f} -> {self.temperatures()[0]:.4f}, "
+                             f"the teacher's calibrated temperature on the first meta batches (NLL {meta_loss:.4f})")
+            else:
+                self._apply_meta_grad(grad)
             self._epoch_meta_losses.append(meta_loss)
 
         tau_t, tau_s = self.temperatures()
@@ -444,16 +464,50 @@ class MKDTask(TrainingTask):
         """Whether the estimator differentiates through the look-ahead (needs the pre-update parameters)."""
         return self.estimator != 'calibration'
 
+    @property
+    def _warm_start_due(self) -> bool:
+        """The calibration estimator's first applied meta step solves for the temperature instead of stepping."""
+        return (self.estimator == 'calibration' and self.warm_start_batches > 0 and self.tau.log_tau_t.requires_grad
+                and self.meta_steps == self.meta_skipped)
+
+    def _teacher_meta_logits(self, meta_input: torch.Tensor) -> torch.Tensor:
+        if self._meta_source is None:
+            # Training-stream meta batches: the teacher's logits on that batch are already at hand.
+            return self._last_batch.teacher_logits
+        with torch.no_grad():
+            input_kd = self.teacher.normalize_input(meta_input, self.student_mean, self.student_std)
+            return self.teacher(input_kd, return_features=False)
+
+    def _warm_start(self, meta_input: torch.Tensor, meta_target: torch.Tensor):
+        """Solve for ``log tau_t`` on ``warm_start_batches`` meta batches (this one and the next ones).
+
+        Returns:
+            ``HyperGradient`` whose ``grad[0]`` carries the solution ``log tau*`` (averaged over ranks by the
+            caller, like a hypergradient) and whose ``meta_loss`` is the NLL there.
+        """
+        logits, targets = [self._teacher_meta_logits(meta_input)], [meta_target]
+        for _ in range(self.warm_start_batches - 1 if self._meta_source is not None else 0):
+            meta_input, meta_target = self._next_meta_batch()
+            logits.append(self._teacher_meta_logits(meta_input))
+            targets.append(meta_target)
+        logits, targets = torch.cat(logits), torch.cat(targets)
+        log_tau = calibrated_log_temperature(logits, targets, self.tau.tau_min, self.tau.tau_max).to(logits.device)
+        nll = calibration_hypergradient(logits, targets, (log_tau, log_tau)).meta_loss
+        return HyperGradient(grad=torch.stack([log_tau, torch.zeros_like(log_tau)]), meta_loss=nll, epsilon=0.0)
+
+    def _jump_to(self, log_tau_t: torch.Tensor) -> None:
+        """Set ``log tau_t`` (``tau_s`` keeps its ratio to it when tied), then project onto the bounds."""
+        with torch.no_grad():
+            delta = log_tau_t.to(self.tau.log_tau_t) - self.tau.log_tau_t
+            self.tau.log_tau_t.add_(delta)
+            if self.tie_temperatures:
+                self.tau.log_tau_s.add_(delta.to(self.tau.log_tau_s))
+        self.tau.project_()
+
     def _hypergradient(self, student: nn.Module, meta_input: torch.Tensor, meta_target: torch.Tensor):
         log_taus = (self.tau.log_tau_t, self.tau.log_tau_s)
-        if self.estimator == 'calibration' and self._meta_source is None:
-            # Training-stream meta batches: the teacher's logits on that batch are already at hand.
-            return calibration_hypergradient(self._last_batch.teacher_logits, meta_target, log_taus)
         if self.estimator == 'calibration':
-            with torch.no_grad():
-                input_kd = self.teacher.normalize_input(meta_input, self.student_mean, self.student_std)
-                teacher_logits = self.teacher(input_kd, return_features=False)
-            return calibration_hypergradient(teacher_logits, meta_target, log_taus)
+            return calibration_hypergradient(self._teacher_meta_logits(meta_input), meta_target, log_taus)
         common = dict(fd_eps=self.fd_eps, meta_autocast=self.meta_autocast, kd_scale=self.kd_scale,
                       mode=self.hypergrad_mode, meta_loss=self.meta_loss)
         args = (student, self._optimizer, self._theta, self._last_batch, meta_input, meta_target, log_taus,
