@@ -255,3 +255,33 @@ def test_calibrated_log_temperature_solves_what_the_calibration_gradient_follows
     assert float(calibrated_log_temperature(z, ym, tau_best * 2, tau_best * 4)) == pytest.approx(math.log(tau_best * 2))
     assert float(calibrated_log_temperature(z, ym, tau_best / 4, tau_best / 2)) == pytest.approx(math.log(tau_best / 2))
     assert math.isnan(float(calibrated_log_temperature(z_bad[:5], ym[:5], 0.25, 8.0)))
+
+
+def test_calibration_step_under_bf16_autocast_matches_float32():
+    """The default meta step under AMP: the teacher's meta-batch forward runs in the training precision
+    (``meta_autocast``); its hypergradient and its warm-start temperature stay within 5% of float32."""
+    torch.manual_seed(0)
+    student, teacher = SmallCNN(drop=0.0), SmallCNN(width=16, drop=0.0)
+    opt = torch.optim.AdamW(teacher.parameters(), lr=3e-3)
+    x, y = fmnist_batches(256)
+    for _ in range(30):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(teacher.train()(x), y).backward()
+        opt.step()
+    meta = [fmnist_batches(128, offset=3000 + 128 * i) for i in range(2)]
+    results = {}
+    for name, autocast in (('fp32', None), ('bf16', lambda: torch.autocast('cpu', dtype=torch.bfloat16))):
+        task = MKDTask(student, teacher, tau_t=4.0, tau_s=4.0, meta_interval=1, warm_start_batches=2,
+                       meta_autocast=autocast, verbose=False)
+        sgd = torch.optim.SGD(student.parameters(), lr=0.0)
+        task.attach(sgd, meta)
+        grad = task._hypergradient(student, *meta[0]).grad[0]
+        sgd.zero_grad()
+        task(x[:32], y[:32])['loss'].backward()
+        sgd.step()  # the warm start
+        task.detach()
+        results[name] = (float(grad), math.log(task.temperatures()[0]))
+    print(results)
+    (g32, t32), (g16, t16) = results['fp32'], results['bf16']
+    assert g32 > 0 and abs(g16 - g32) <= 0.05 * abs(g32)
+    assert abs(t16 - t32) <= 0.05 * abs(t32) + 0.01

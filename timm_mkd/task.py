@@ -312,7 +312,8 @@ class MKDTask(TrainingTask):
             Dict with ``loss``, ``output`` (student logits), ``task_loss``, ``kd_loss``, ``tau_t``, ``tau_s``.
         """
         remember = self.trainable_module.training and torch.is_grad_enabled()
-        rng_state = capture_rng_state(input.device) if remember else None
+        # Only the look-ahead estimators replay the forward's random masks; the calibration step needs no RNG state.
+        rng_state = capture_rng_state(input.device) if remember and self._needs_lookahead else None
         student_logits = self.trainable_module(input)
         task_loss = self.criterion(student_logits, target)
 
@@ -474,7 +475,9 @@ class MKDTask(TrainingTask):
         if self._meta_source is None:
             # Training-stream meta batches: the teacher's logits on that batch are already at hand.
             return self._last_batch.teacher_logits
-        with torch.no_grad():
+        # In the training step's precision (train.py's AMP autocast); the calibration maths upcasts to float32.
+        autocast = self.meta_autocast() if self.meta_autocast is not None else contextlib.nullcontext()
+        with torch.no_grad(), autocast:
             input_kd = self.teacher.normalize_input(meta_input, self.student_mean, self.student_std)
             return self.teacher(input_kd, return_features=False)
 
