@@ -4,13 +4,14 @@ Top row, one panel per study CSV: timm KD's mean top-1 (± std over seeds) at ea
 MKD's at each *initial* tau, for the MKD configuration picked by ``--variant`` / ``--meta-interval``
 (default: rows labelled ``defaults``, i.e. run at the library defaults with only the initial tau
 set). Bottom row: that configuration's temperature trajectories (``trajectories*/``), one line per
-run, coloured by initial tau.
+run, coloured by initial tau. Prints issue 9's bar per study and initial tau (``bar_table``).
 
 Usage:
     python benchmarks/robustness.py                                  # test-split studies, defaults rows
     python benchmarks/robustness.py --tune --variant "estimator=calibration, ..." --out robustness_tune.png
 """
 import argparse
+import math
 import os
 import re
 import statistics
@@ -57,6 +58,33 @@ def _variant_in_name(rows, suffix):
     return all(('_' + p) in suffix for p in parts)
 
 
+def bar_table(kd, mkd, study):
+    """Issue 9's bar per initial tau, as markdown lines: MKD against the best fixed tau and, paired by seed,
+    against fixed KD at the same tau; and whether the final tau ends nearer (in log tau) to the best fixed tau."""
+    kd_by = {}
+    for r in kd:
+        kd_by.setdefault(float(r['tau']), {})[int(r['seed'])] = float(r['top1'])
+    if not kd_by:
+        return []
+    best_tau, best = max(((t, statistics.mean(v.values())) for t, v in kd_by.items()), key=lambda x: x[1])
+    lines = [f'{study}: best fixed tau {best_tau:g} ({best:.2f}, n={len(kd_by[best_tau])})', '',
+             '| initial tau | MKD top-1 (n) | vs best fixed | paired vs KD at same tau (n) | final tau | '
+             '|log tau - log best|: initial -> final | bar |',
+             '|---|---|---|---|---|---|---|']
+    for tau in sorted({float(r['tau']) for r in mkd}):
+        rows = [r for r in mkd if float(r['tau']) == tau]
+        top1 = statistics.mean(float(r['top1']) for r in rows)
+        pairs = [float(r['top1']) - kd_by.get(tau, {})[int(r['seed'])] for r in rows
+                 if int(r['seed']) in kd_by.get(tau, {})]
+        paired = statistics.mean(pairs) if pairs else float('nan')
+        final = statistics.mean(float(r['tau_t_final']) for r in rows)
+        d0, d1 = abs(math.log(tau / best_tau)), abs(math.log(final / best_tau))
+        ok = top1 >= best - 0.5 and (not pairs or paired >= 0) and (tau not in (4.0, 8.0) or d1 < d0)
+        lines.append(f'| {tau:g} | {top1:.2f} ({len(rows)}) | {top1 - best:+.2f} | {paired:+.2f} ({len(pairs)}) | '
+                     f'{final:.2f} | {d0:.2f} -> {d1:.2f} | {"holds" if ok else "fails"} |')
+    return lines + ['']
+
+
 def main(argv=None):
     a = parse_args(argv)
     import matplotlib
@@ -74,6 +102,7 @@ def main(argv=None):
         kd = [r for r in rows if r['method'] == 'kd']
         mkd = [r for r in rows if r['method'] == 'mkd' and r['variant'] == a.variant
                and (a.meta_interval is None or r['meta_interval'] == a.meta_interval)]
+        print('\n'.join(bar_table(kd, mkd, 'ViT study' if suffix == '' else suffix.strip('_').upper() + ' study')))
         ax = axes[0][col]
         for label, sel, style in (('timm KD, fixed tau', kd, 'o-'), ('MKD, initial tau', mkd, 's--')):
             pts = _by_tau(sel)
