@@ -179,9 +179,12 @@ def find_train_py(explicit: Optional[str], environ=None, cwd: Optional[str] = No
         tried.append(f'{local} (exists, but is not timm\'s train.py)')
     else:
         tried.append(f'{local} (absent)')
-    spec = importlib.util.find_spec('timm')  # where timm lives, without importing it (and torch)
-    if spec is not None and spec.origin:
-        checkout = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(spec.origin))), 'train.py')
+    # Where timm lives: an imported timm's __file__, else its import spec (importing it would import torch).
+    loaded = sys.modules.get('timm')
+    spec = None if loaded is not None else importlib.util.find_spec('timm')
+    origin = loaded.__file__ if loaded is not None else (spec.origin if spec is not None else None)
+    if origin:
+        checkout = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(origin))), 'train.py')
         if os.path.isfile(checkout) and _is_timm_train_py(checkout, adapters):
             return checkout, 'the timm source checkout'
         tried.append(f'{checkout} (timm is not installed from a source checkout)')

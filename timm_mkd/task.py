@@ -2,6 +2,7 @@
 import contextlib
 import inspect
 import logging
+import weakref
 from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
 
 import torch
@@ -106,10 +107,11 @@ class MKDTask(LogitDistillationTask):
         self.kd_scale = config.kd_scale
         self.meta_autocast = meta_autocast
         self.tau = Temperatures(config, device=self.device)
+        owner = weakref.ref(self)  # no task <-> controller cycle: a finished run frees the task (and DDP) at once
         self.meta = MetaController(
             self.tau, hypergradient or build_estimator(config), config.meta_interval,
-            student=lambda: unwrap_model(self.trainable_module), loss_terms=self.loss_terms,
-            teacher_logits=self._meta_teacher_logits, device=self.device, verbose=self.verbose)
+            student=lambda: unwrap_model(owner().trainable_module), loss_terms=lambda: owner().loss_terms(),
+            teacher_logits=lambda x: owner()._meta_teacher_logits(x), device=self.device, verbose=self.verbose)
         if self.verbose:
             _logger.info(
                 f"MKDTask: tau_t={config.tau_t}, tau_s={config.tau_s} in [{config.tau_min}, {config.tau_max}], "
