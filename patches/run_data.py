@@ -118,5 +118,6 @@ class DataPatches:
                 img_dtype=self.img_dtype or torch.float32,
                 pin_memory=bool(getattr(args, 'pin_mem', False)),
             )
-        except (ValueError, TypeError) as e:
-            raise MKDSetupError(f'--mkd-meta-data {args.mkd_meta_data}: {e}') from e
+        except (ValueError, TypeError) as e:  # the core's words, in the flags
+            detail = str(e).replace('the meta batch size', 'the meta batch size (--mkd-meta-batch-size)')
+            raise MKDSetupError(f'--mkd-meta-data {args.mkd_meta_data}: {detail}') from e

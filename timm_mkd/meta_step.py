@@ -202,24 +202,11 @@ def _train_gradient(student, params, batch, criterion, task_weight, log_taus, kd
 
 
 def neumann_hypergradient(
-        student: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        theta: Dict[str, torch.Tensor],
-        batch: TrainBatch,
-        meta_input: torch.Tensor,
-        meta_target: torch.Tensor,
-        log_taus: Tuple[torch.Tensor, torch.Tensor],
-        kd_weight: float,
-        criterion: Callable,
-        task_weight: float,
-        terms: int = 5,
-        scale: float = 1.0,
-        fd_eps: float = 1e-2,
-        hvp_eps: float = 1e-2,
-        meta_autocast: Optional[Callable] = None,
-        kd_scale: str = 'student',
-        mode: str = 'full',
-        meta_loss: str = 'ce',
+        student: nn.Module, optimizer: torch.optim.Optimizer, theta: Dict[str, torch.Tensor], batch: TrainBatch,
+        meta_input: torch.Tensor, meta_target: torch.Tensor, log_taus: Tuple[torch.Tensor, torch.Tensor],
+        kd_weight: float, criterion: Callable, task_weight: float, terms: int = 5, scale: float = 1.0,
+        fd_eps: float = 1e-2, hvp_eps: float = 1e-2, meta_autocast: Optional[Callable] = None,
+        kd_scale: str = 'student', mode: str = 'full', meta_loss: str = 'ce',
 ) -> HyperGradient:
     """Implicit-function hypergradient with a ``terms``-term Neumann series (Lorraine et al. 2020).
 

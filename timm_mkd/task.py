@@ -33,7 +33,60 @@ def _controller_attribute(name: str, doc: str, settable: bool = False) -> proper
     return property(lambda self: getattr(self.meta, name), fset if settable else None, doc=doc)
 
 
-class MKDTask(LogitDistillationTask):
+class _MetaStepAPI:
+    """``MKDTask``'s meta-step methods and counters: each one hands over to ``self.meta`` (the ``MetaController``)."""
+
+    def attach(self, optimizer: torch.optim.Optimizer, meta_batches: Union[Iterable, str, None] = TRAIN_STREAM) -> 'MKDTask':
+        """Bind the meta step to the student optimizer (``MetaController.attach``).
+
+        Args:
+            optimizer: the optimizer that updates the student.
+            meta_batches: iterable of ``(input, target)`` meta batches, re-iterated when exhausted;
+                ``'train'`` (or ``None``) uses the current training batch (no held-out data).
+
+        Returns:
+            self
+        """
+        self.meta.attach(optimizer, meta_batches)
+        return self
+
+    def detach(self) -> None:
+        """Remove the optimizer hooks (the task then behaves as fixed-temperature KD)."""
+        self.meta.detach()
+
+    def add_meta_callback(self, fn: Callable[[dict], None]) -> None:
+        """Call ``fn(record)`` after every meta step (applied or skipped), on every rank."""
+        self.meta.callbacks.append(fn)
+
+    def meta_step(self) -> Dict[str, float]:
+        """One meta update of the temperatures (normally called by the optimizer hook); returns its record."""
+        return self.meta.meta_step()
+
+    def temperatures(self) -> Tuple[float, float]:
+        """Current ``(tau_t, tau_s)`` as Python floats."""
+        return self.tau.values()
+
+    def meta_summary(self) -> Dict[str, float]:
+        """Temperatures and the mean meta loss since the last call (for per-epoch summaries)."""
+        return self.meta.summary()
+
+    def check_synchronized(self) -> None:
+        """Raise ``RuntimeError`` if the ranks of a distributed run hold different temperatures."""
+        check_synchronized(self.tau)
+
+    updates = _controller_attribute('updates', 'Optimizer updates counted so far.', settable=True)
+    meta_steps = _controller_attribute('meta_steps', 'Meta steps run so far (applied or skipped).')
+    meta_interval = _controller_attribute('meta_interval', 'Optimizer updates between meta steps.')
+    last_record = _controller_attribute('last_record', 'The record of the last meta step.')
+    _last_batch = _controller_attribute('last_batch', 'What the last training forward left for the meta step.')
+    meta_skipped = property(lambda self: self.meta.skips.skipped, doc='Meta steps skipped (non-finite).')
+    meta_optimizer = property(lambda self: self.tau.optimizer, doc='The optimizer of the log-temperatures.')
+    tie_temperatures = property(lambda self: self.config.tied, doc='Whether the meta step ties the temperatures.')
+    estimator = property(lambda self: self.config.estimator, doc="The built-in estimator's name.")
+
+
+
+class MKDTask(_MetaStepAPI, LogitDistillationTask):
     """Meta Knowledge Distillation task (Liu et al., 2022, arXiv 2202.07940).
 
     timm's ``LogitDistillationTask`` (its ``prepare_distributed`` and ``compile`` are inherited as they
@@ -210,55 +263,6 @@ class MKDTask(LogitDistillationTask):
     def loss_terms(self) -> LossTerms:
         """The training loss's terms, as the look-ahead estimators differentiate them."""
         return LossTerms(self.criterion, self.task_loss_weight, self.distill_loss_weight, self.kd_scale)
-
-    # ------------------------------------------------------------------ meta step (MetaController)
-    def attach(self, optimizer: torch.optim.Optimizer, meta_batches: Union[Iterable, str, None] = TRAIN_STREAM) -> 'MKDTask':
-        """Bind the meta step to the student optimizer (``MetaController.attach``).
-
-        Args:
-            optimizer: the optimizer that updates the student.
-            meta_batches: iterable of ``(input, target)`` meta batches, re-iterated when exhausted;
-                ``'train'`` (or ``None``) uses the current training batch (no held-out data).
-
-        Returns:
-            self
-        """
-        self.meta.attach(optimizer, meta_batches)
-        return self
-
-    def detach(self) -> None:
-        """Remove the optimizer hooks (the task then behaves as fixed-temperature KD)."""
-        self.meta.detach()
-
-    def add_meta_callback(self, fn: Callable[[dict], None]) -> None:
-        """Call ``fn(record)`` after every meta step (applied or skipped), on every rank."""
-        self.meta.callbacks.append(fn)
-
-    def meta_step(self) -> Dict[str, float]:
-        """One meta update of the temperatures (normally called by the optimizer hook); returns its record."""
-        return self.meta.meta_step()
-
-    def temperatures(self) -> Tuple[float, float]:
-        """Current ``(tau_t, tau_s)`` as Python floats."""
-        return self.tau.values()
-
-    def meta_summary(self) -> Dict[str, float]:
-        """Temperatures and the mean meta loss since the last call (for per-epoch summaries)."""
-        return self.meta.summary()
-
-    def check_synchronized(self) -> None:
-        """Raise ``RuntimeError`` if the ranks of a distributed run hold different temperatures."""
-        check_synchronized(self.tau)
-
-    updates = _controller_attribute('updates', 'Optimizer updates counted so far.', settable=True)
-    meta_steps = _controller_attribute('meta_steps', 'Meta steps run so far (applied or skipped).')
-    meta_interval = _controller_attribute('meta_interval', 'Optimizer updates between meta steps.')
-    last_record = _controller_attribute('last_record', 'The record of the last meta step.')
-    _last_batch = _controller_attribute('last_batch', 'What the last training forward left for the meta step.')
-    meta_skipped = property(lambda self: self.meta.skips.skipped, doc='Meta steps skipped (non-finite).')
-    meta_optimizer = property(lambda self: self.tau.optimizer, doc='The optimizer of the log-temperatures.')
-    tie_temperatures = property(lambda self: self.config.tied, doc='Whether the meta step ties the temperatures.')
-    estimator = property(lambda self: self.config.estimator, doc="The built-in estimator's name.")
 
 
 def _resolve_loss_weights(task_loss_weight: Optional[float], distill_loss_weight: Optional[float]) -> Tuple[float, float]:
