@@ -7,6 +7,7 @@ import importlib.util
 import logging
 import sys
 import types
+import weakref
 from typing import Any, Dict
 
 _logger = logging.getLogger('train_mkd')
@@ -45,7 +46,6 @@ def load_train_module(path: str) -> types.ModuleType:
     return module
 
 
-
 def cpu_ddp_safe(task):
     """Let ``torchrun`` on CPU work: drop train.py's ``device_ids=[cpu]`` before DDP sees it.
 
@@ -55,13 +55,13 @@ def cpu_ddp_safe(task):
     built with a local teacher, a CPU device list becomes None, which is what DDP expects there;
     GPU runs are unchanged. The MKD task gets the same.
     """
-    original = task.prepare_distributed
+    original, owner = type(task).prepare_distributed, weakref.ref(task)  # no task -> closure -> task cycle
 
     def prepare_distributed(device_ids=None, **ddp_kwargs):
         import torch
         if device_ids and all(torch.device(d).type == 'cpu' for d in device_ids):
             device_ids = None
-        return original(device_ids=device_ids, **ddp_kwargs)
+        return original(owner(), device_ids=device_ids, **ddp_kwargs)
     task.prepare_distributed = prepare_distributed
     return task
 

@@ -7,7 +7,6 @@ hypergradient (or, on the first applied step, for its warm-start solution), aver
 skips a non-finite one (``SkipPolicy``) and hands the rest to ``Temperatures``. It also owns its
 part of the checkpoint state and the per-meta-step record and per-epoch summary.
 """
-import contextlib
 import logging
 import math
 import warnings

@@ -11,7 +11,7 @@ so a temperature that drifts to a bound sticks there; the projection leaves the 
 untouched inside the bounds and simply refuses to leave them.
 """
 import math
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 import torch.nn as nn
