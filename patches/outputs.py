@@ -4,11 +4,10 @@
 (``_UtilsProxy``) whose ``CheckpointSaver`` and ``update_summary`` learn the output folder and add
 the MKD columns; timm's own ``timm.utils`` is untouched.
 """
+import logging
 import os
 import types
 from typing import Any, Dict, Optional
-
-import logging
 
 _logger = logging.getLogger('train_mkd')
 
@@ -26,8 +25,6 @@ class _UtilsProxy(types.ModuleType):
 
     def __getattr__(self, name: str):
         return getattr(self.__dict__['_base'], name)
-
-
 
 
 class OutputPatches:
@@ -80,7 +77,6 @@ class OutputPatches:
         proxy.update_summary = update_summary
         self.originals['utils'] = base
         self.module.utils = proxy
-
 
 
 def drop_logged_steps_after(path: str, updates: int) -> int:
