@@ -97,7 +97,6 @@ def kd_logit_grad_norm(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     return (grad.square().sum() + 1e-30).sqrt()
 
 
-
 def _is_soft(target: torch.Tensor, logits: torch.Tensor) -> bool:
     """Mixup-style ``[B, C]`` probability targets, as opposed to class indices."""
     return target.dtype.is_floating_point and target.dim() == logits.dim()

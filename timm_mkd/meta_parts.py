@@ -93,7 +93,6 @@ def optimizer_params(module: nn.Module, optimizer: torch.optim.Optimizer):
     return out
 
 
-
 def buffer_copies(module: nn.Module) -> Dict[str, torch.Tensor]:
     # Train-mode BatchNorm updates running stats in place; feeding copies keeps the real ones untouched.
     return {n: b.clone() for n, b in module.named_buffers()}

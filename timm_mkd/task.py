@@ -85,7 +85,6 @@ class _MetaStepAPI:
     estimator = property(lambda self: self.config.estimator, doc="The built-in estimator's name.")
 
 
-
 class MKDTask(_MetaStepAPI, LogitDistillationTask):
     """Meta Knowledge Distillation task (Liu et al., 2022, arXiv 2202.07940).
 
