@@ -209,11 +209,12 @@ def make_run(args, kind, n, device, student, teacher, mean, std, meta_pool, amp_
         task.attach(optimizer, itertools.cycle(meta_pool))
         if timers is not None:
             # Timing wrappers only (behaviour unchanged); the hooks hold bound methods, so re-register.
-            task.detach()
-            task._before_update = timers['snapshot'].wrap(task._before_update)
-            task.meta_step = timers['meta_step'].wrap(task.meta_step)
-            task._hooks = [optimizer.register_step_pre_hook(task._before_update),
-                           optimizer.register_step_post_hook(task._after_update)]
+            meta = task.meta  # the MetaController runs the hooks
+            meta.detach()
+            meta.before_update = timers['snapshot'].wrap(meta.before_update)
+            meta.meta_step = timers['meta_step'].wrap(meta.meta_step)
+            meta.hooks = [optimizer.register_step_pre_hook(meta.before_update),
+                          optimizer.register_step_post_hook(meta.after_update)]
     # (no task.to(device): MKDTask._apply shadows nn.Module._apply; the task is built on `device`)
     task.train()
 
@@ -263,7 +264,7 @@ def worker(args):
             return t[name].wrap(fn)(*a, **kw) if t else fn(*a, **kw)
         return call
     ms._student_logits = route('fd_forwards', ms._student_logits)
-    ms._buffer_copies = route('buffer_copies', ms._buffer_copies)
+    ms.buffer_copies = route('buffer_copies', ms.buffer_copies)
 
     runs = {}
     for c in configs:
@@ -354,11 +355,11 @@ def oracle_meta_step(args, task, optimizer, step, data, criterion, device):
         theta = {nme: p.detach().clone() for nme, p, _ in optimizer_params(student, optimizer)}
         x, y = next(data)
         step(x, y)
-        mx, my = task._next_meta_batch() if task._meta_source is not None else (x, y)
+        mx, my = task.meta.batches.next(task._last_batch)  # (x, y) for the training stream
         taus = (task.tau.log_tau_t, task.tau.log_tau_s)
         sync(); t = time.perf_counter()
         h = finite_difference_hypergradient(student, optimizer, theta, task._last_batch, mx, my, taus,
-                                            task.distill_loss_weight, fd_eps=task.fd_eps)
+                                            task.distill_loss_weight, fd_eps=task.config.fd_eps)
         sync(); fd_t.append(time.perf_counter() - t)
         sync(); t = time.perf_counter()
         g = exact_hypergradient(student, optimizer, theta, task._last_batch, criterion, task.task_loss_weight,

@@ -1,7 +1,8 @@
 """Adapters that run timm's train.py with MKD: the only code that knows train.py's internals.
 
 One module per train.py generation (``gen_1_0_27``: timm 1.0.27 and 1.0.28; ``gen_1_0_29``:
-timm 1.0.29.dev0), shared machinery in ``common``. ``select(path)`` reads a train.py,
+timm 1.0.29.dev0); probing a train.py in ``probe``, running it (the patches) in ``run`` and its
+mixins, shared errors and module loading in ``common``. ``select(path)`` reads a train.py,
 recognises its generation and returns a ``Selection`` whose ``load()`` imports the file and
 installs that generation's patches.
 
@@ -11,17 +12,21 @@ call keywords and call order, read with ``ast``), and a warning says it is not a
 Anything else raises ``UnsupportedTrainPy`` listing what did not match, before a single patch
 is applied: never a half-patched run.
 
-This package is loaded by ``train_mkd.py`` under the private name ``_timm_mkd_patches`` and is
-not installed with ``timm_mkd`` (setup.cfg installs ``timm_mkd`` only), so it cannot shadow or
-be shadowed by another top-level ``patches`` module.
+This package is loaded under the private name ``timm_mkd._patches`` (a wheel ships it as that
+subpackage; ``timm_mkd.launcher.load_adapters`` loads a checkout's ``patches/`` under the same name),
+so it cannot shadow or be shadowed by another top-level ``patches`` module. Importing it imports
+neither torch nor timm: recognising a train.py reads it as text.
 """
 import logging
+import sys
 from dataclasses import dataclass
 from types import ModuleType
 from typing import List, Optional, Tuple
 
 from . import gen_1_0_27, gen_1_0_29
-from .common import MKDRun, MKDSetupError, UnsupportedTrainPy, load_train_module, read_facts
+from .common import MKDSetupError, UnsupportedTrainPy, load_train_module
+from .probe import read_facts
+from .run import MKDRun
 
 __all__ = [
     'ADAPTERS', 'Selection', 'select', 'looks_like_timm_train_py', 'how_to_get_train_py', 'fix_for',
@@ -101,8 +106,8 @@ def fix_for(timm_version: str) -> str:
 def how_to_get_train_py(version: Optional[str] = None) -> str:
     """``fix_for`` the installed timm (or ``version``)."""
     if version is None:
-        import timm
-        version = timm.__version__
+        from timm_mkd.compat import installed_timm_version
+        version = installed_timm_version()
     return fix_for(version)
 
 
@@ -139,19 +144,32 @@ class Selection:
     sha256: str = ''
 
     def load(self) -> 'tuple':
-        """Import train.py, install the patches; returns ``(module, run)``.
+        """Import train.py, check the installed timm can run it, install the patches; returns ``(module, run)``.
+
+        train.py is imported first: it imports torch and timm itself, so nothing before it has to.
 
         Raises:
-            UnsupportedTrainPy: if the installed timm cannot run this train.py.
+            UnsupportedTrainPy: if the installed timm cannot run this train.py (nothing is patched then).
         """
+        try:
+            module = load_train_module(self.path)
+        except ImportError:
+            self._check_host()  # a train.py newer than the installed timm fails at its imports
+            raise
+        try:
+            self._check_host()
+        except UnsupportedTrainPy:
+            sys.modules.pop(module.__name__, None)
+            raise
+        run = self.adapter.apply(module)
+        return module, run
+
+    def _check_host(self) -> None:
         host = self.adapter.host_problems()
         if host:
             raise UnsupportedTrainPy(
                 f'{self.path} (timm {self.generation} train.py): ' + '; '.join(host)
                 + '.\nFix: use a train.py this timm can run:\n' + how_to_get_train_py())
-        module = load_train_module(self.path)
-        run = self.adapter.apply(module)
-        return module, run
 
 
 def release(run: MKDRun) -> None:

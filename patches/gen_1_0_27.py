@@ -14,7 +14,8 @@ What this generation looks like, and what the adapter relies on (checked by ``pr
 
 None of those differences touch a patched name, so ``apply`` installs every shared patch.
 """
-from .common import MKDRun, TrainPyFacts, common_problems
+from .probe import TrainPyFacts, common_problems
+from .run import MKDRun
 
 GENERATION = '1.0.27'
 RELEASES = ('1.0.27', '1.0.28')

@@ -18,7 +18,8 @@ installed timm is checked (``host_problems``) before anything runs.
 """
 import inspect
 
-from .common import MKDRun, TrainPyFacts, common_problems
+from .probe import TrainPyFacts, common_problems
+from .run import MKDRun
 
 GENERATION = '1.0.29.dev0'
 RELEASES = ('1.0.29.dev0',)

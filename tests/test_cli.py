@@ -5,9 +5,12 @@ import os
 import pytest
 import yaml
 
-from timm_mkd.cli import (
-    MKD_DESTS, MKDArgumentError, MetaDataSpec, add_mkd_args, mkd_flags_in_use, parse_meta_data,
-    validate_mkd_args)
+from timm_mkd.cli import MKD_DESTS, MKDArgumentError, MetaDataSpec, add_mkd_args, mkd_flags_in_use, parse_meta_data
+from timm_mkd.launcher import load_adapters
+
+# What the train.py patch runs on train.py's namespace: train.py's own flags (--kd-model-name, --batch-size,
+# --val-split, ...) are checked by the adapter (patches/args.py), the MKD flags by timm_mkd.cli.validate_mkd_args.
+validate_mkd_args = load_adapters().args.validate_train_args
 
 
 def make_parser():

@@ -275,7 +275,7 @@ def test_calibration_step_under_bf16_autocast_matches_float32():
                        meta_autocast=autocast, verbose=False)
         sgd = torch.optim.SGD(student.parameters(), lr=0.0)
         task.attach(sgd, meta)
-        grad = task._hypergradient(student, *meta[0]).grad[0]
+        grad = task.meta.hypergradient(*meta[0]).grad[0]
         sgd.zero_grad()
         task(x[:32], y[:32])['loss'].backward()
         sgd.step()  # the warm start

@@ -194,7 +194,7 @@ def test_distributed_shards_are_disjoint_and_cover_the_set():
 def test_meta_batch_larger_than_meta_set_is_refused():
     with pytest.raises(ValueError, match=r'meta batch size 65 is larger than the meta set \(64 samples'):
         _meta(_small_meta_set(64), batch_size=65)
-    with pytest.raises(ValueError, match=r'\(32 samples on this rank\).*--mkd-meta-batch-size'):
+    with pytest.raises(ValueError, match=r'\(32 samples on this rank\).*lower the meta batch size'):
         _meta(_small_meta_set(64), batch_size=40, distributed=True, world_size=2, rank=1)
 
 

@@ -279,7 +279,7 @@ def test_warm_start_happens_once_and_not_again_after_resume():
     opt = torch.optim.SGD(student.parameters(), lr=0.05)
     resumed.attach(opt, [fmnist_batches(32, offset=2000)])
     resumed.load_task_state(state)
-    assert not resumed._warm_start_due
+    assert not resumed.meta.warm_start_due
     x, y = fmnist_batches(32)
     opt.zero_grad()
     resumed(x, y)['loss'].backward()

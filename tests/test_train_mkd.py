@@ -320,7 +320,7 @@ def test_teacher_flag_and_yaml_config(tmp_path):
 
 def test_summary_row_adds_mkd_columns(tmp_path):
     from collections import OrderedDict
-    common = sys.modules['timm_mkd._patches.common']
+    common = sys.modules['timm_mkd._patches.outputs']
     path = str(tmp_path / 'summary.csv')
     extra = {'tau_t': 3.5, 'tau_s': 4.5, 'kd_loss': 0.25, 'meta_loss': 1.5, 'meta_skipped': 0}
     common.write_summary_row(0, OrderedDict(loss=2.0), OrderedDict(top1=50.0), path, lr=0.1, extra=extra)
@@ -334,7 +334,7 @@ def test_summary_row_adds_mkd_columns(tmp_path):
 
 def test_utils_proxy_leaves_timm_utils_alone():
     import timm.utils
-    common = sys.modules['timm_mkd._patches.common']
+    common = sys.modules['timm_mkd._patches.outputs']
     proxy = common._UtilsProxy(timm.utils)
     proxy.update_summary = lambda *a, **k: 'patched'
     assert proxy.update_summary() == 'patched'

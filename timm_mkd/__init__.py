@@ -3,31 +3,37 @@
 The teacher and student softmax temperatures of logit distillation become meta-parameters,
 learned by meta-gradients on held-out data every N optimizer updates. ``MKDTask`` is a timm
 ``TrainingTask``; ``train_mkd.py`` (in the source checkout) runs timm's own train.py with it.
-"""
-import timm as _timm
 
-from .compat import UnsupportedTimmVersion, check_timm_version
+Importing the package checks the installed timm's version (without importing timm or torch); the
+names below are loaded on first use, so ``timm_mkd.cli`` and ``timm_mkd.config`` stay light.
+"""
+import importlib
+
+from .compat import UnsupportedTimmVersion, check_timm_version, installed_timm_version
 from .version import __version__
 
-check_timm_version(_timm.__version__)
+check_timm_version(installed_timm_version())
 
-from .loss import meta_loss_fn, two_temperature_kd_loss  # noqa: E402
-from .meta_step import exact_hypergradient, finite_difference_hypergradient  # noqa: E402
-from .task import TRAIN_STREAM, MKDTask  # noqa: E402
-from .teacher import build_teacher, load_state_dict_file  # noqa: E402
-from .temperature import Temperatures  # noqa: E402
+_LAZY = {
+    'MKDTask': 'task',
+    'MKDConfig': 'config',
+    'TRAIN_STREAM': 'meta_controller',
+    'Temperatures': 'temperature',
+    'two_temperature_kd_loss': 'loss',
+    'meta_loss_fn': 'loss',
+    'finite_difference_hypergradient': 'meta_step',
+    'exact_hypergradient': 'meta_step',
+    'build_teacher': 'teacher',
+    'load_state_dict_file': 'teacher',
+}
 
-__all__ = [
-    '__version__',
-    'MKDTask',
-    'TRAIN_STREAM',
-    'Temperatures',
-    'two_temperature_kd_loss',
-    'meta_loss_fn',
-    'finite_difference_hypergradient',
-    'exact_hypergradient',
-    'build_teacher',
-    'load_state_dict_file',
-    'UnsupportedTimmVersion',
-    'check_timm_version',
-]
+__all__ = ['__version__', 'UnsupportedTimmVersion', 'check_timm_version', *_LAZY]
+
+
+def __getattr__(name: str):
+    """Import the module that defines ``name`` on first use."""
+    if name not in _LAZY:
+        raise AttributeError(f"module 'timm_mkd' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f'.{_LAZY[name]}', __name__), name)
+    globals()[name] = value
+    return value

@@ -5,6 +5,10 @@ timm 1.0.27 is the first release whose ``TrainingTask`` owns ``compile()``, ``se
 ``CheckpointSaver`` under ``task_state``). Older releases would silently drop the learned
 temperatures from checkpoints, so we refuse them at import time.
 """
+import importlib.util
+import os
+import re
+import sys
 from typing import Tuple
 
 MIN_TIMM_VERSION = (1, 0, 27)
@@ -41,3 +45,25 @@ def check_timm_version(installed: str) -> None:
             f"timm-mkd needs timm >= {required} (its TrainingTask API with task_state checkpoints), "
             f"but timm {installed} is installed. Fix: pip install 'timm>={required}'."
         )
+
+
+def installed_timm_version() -> str:
+    """The installed timm's ``__version__``, read without importing timm (which imports torch) when it is not loaded yet.
+
+    An imported timm answers for itself; otherwise ``timm/version.py`` is read as text, and only if that fails
+    is timm imported.
+    """
+    loaded = sys.modules.get('timm')
+    if loaded is not None:
+        return loaded.__version__
+    spec = importlib.util.find_spec('timm')
+    if spec is not None and spec.origin:
+        try:
+            with open(os.path.join(os.path.dirname(spec.origin), 'version.py')) as f:
+                found = re.search(r"""^__version__\s*=\s*['"]([^'"]+)['"]""", f.read(), re.M)
+            if found:
+                return found.group(1)
+        except OSError:
+            pass
+    import timm
+    return timm.__version__

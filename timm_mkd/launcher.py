@@ -102,14 +102,17 @@ def load_adapters():
     """
     if ADAPTERS_MODULE in sys.modules:
         return sys.modules[ADAPTERS_MODULE]
-    try:
-        return importlib.import_module(ADAPTERS_MODULE)
-    except ModuleNotFoundError as e:
-        if e.name != ADAPTERS_MODULE:
-            raise
     import timm_mkd
-    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(timm_mkd.__file__))), 'patches')
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(timm_mkd.__file__)))
+    folder = os.path.join(checkout, 'patches')
     init = os.path.join(folder, '__init__.py')
+    # A source checkout (train_mkd.py beside timm_mkd/) runs its own patches/, whatever an install maps.
+    if not (os.path.isfile(os.path.join(checkout, 'train_mkd.py')) and os.path.isfile(init)):
+        try:
+            return importlib.import_module(ADAPTERS_MODULE)
+        except ModuleNotFoundError as e:
+            if e.name != ADAPTERS_MODULE:
+                raise
     if not os.path.isfile(init):
         raise ImportError(
             f'timm-mkd at {os.path.dirname(timm_mkd.__file__)} has no train.py adapters ({ADAPTERS_MODULE}): '
@@ -176,13 +179,16 @@ def find_train_py(explicit: Optional[str], environ=None, cwd: Optional[str] = No
         tried.append(f'{local} (exists, but is not timm\'s train.py)')
     else:
         tried.append(f'{local} (absent)')
-    try:
-        import timm
-        checkout = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(timm.__file__))), 'train.py')
+    # Where timm lives: an imported timm's __file__, else its import spec (importing it would import torch).
+    loaded = sys.modules.get('timm')
+    spec = None if loaded is not None else importlib.util.find_spec('timm')
+    origin = loaded.__file__ if loaded is not None else (spec.origin if spec is not None else None)
+    if origin:
+        checkout = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(origin))), 'train.py')
         if os.path.isfile(checkout) and _is_timm_train_py(checkout, adapters):
             return checkout, 'the timm source checkout'
         tried.append(f'{checkout} (timm is not installed from a source checkout)')
-    except ImportError:
+    else:
         tried.append('the timm source checkout (timm is not importable)')
     raise TrainPyNotFound(
         'cannot find timm\'s train.py: it is not part of the timm package. Looked at: '
@@ -240,21 +246,16 @@ def _import_timm_mkd(prog: str) -> None:
 
 
 def _select(prog: str, explicit: Optional[str], rest: Sequence[str], adapters):
-    """Find, recognise and compare train.py; prints MKD-only help and exits if it cannot."""
-    import timm
+    """Find and recognise train.py (read as text: no torch, no timm); prints MKD-only help and exits if it cannot."""
     try:
         path, _ = find_train_py(explicit, patches=adapters)
-        selection = adapters.select(path)
+        return adapters.select(path)
     except (TrainPyNotFound, adapters.UnsupportedTrainPy) as e:
         message = str(e) if 'Fix:' in str(e) else f'{e}\nFix: use an unmodified train.py:\n{adapters.how_to_get_train_py()}'
         if _wants_help(rest):
             sys.stdout.write(mkd_only_help(prog, message))
             raise SystemExit(0)
         _die(prog, message, 2)
-    warning = adapters.check_pair(selection, timm.__version__)
-    if warning:
-        _warn(prog, warning)
-    return selection
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> None:
@@ -271,8 +272,12 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> No
     _import_timm_mkd(prog)
     adapters = load_adapters()
     selection = _select(prog, explicit, rest, adapters)
+    from timm_mkd.compat import installed_timm_version
+    warning = adapters.check_pair(selection, installed_timm_version())
+    if warning:
+        _warn(prog, warning)
     try:
-        module, run = selection.load()
+        module, run = selection.load()  # train.py imports torch and timm: the first import of either
     except adapters.UnsupportedTrainPy as e:
         _die(prog, str(e), 2)
     parser = getattr(module, 'parser', None)

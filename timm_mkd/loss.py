@@ -29,8 +29,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-
-KD_SCALES = ('student', 'product')
+from .config import KD_SCALES, META_LOSSES
 
 
 def two_temperature_kd_loss(
@@ -77,13 +76,8 @@ def two_temperature_kd_loss(
     raise ValueError(f"unknown KD scale '{scale}'; use one of {KD_SCALES}")
 
 
-def kd_logit_grad_norm(
-        student_logits: torch.Tensor,
-        teacher_logits: torch.Tensor,
-        tau_t: torch.Tensor,
-        tau_s: torch.Tensor,
-        scale: str = 'student',
-) -> torch.Tensor:
+def kd_logit_grad_norm(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau_t: torch.Tensor,
+                       tau_s: torch.Tensor, scale: str = 'student') -> torch.Tensor:
     """``|| d KD / d z_s ||`` over the whole batch, as a differentiable function of the temperatures.
 
     This is the *strength* of the KD term: how hard it pushes the student's logits. The
@@ -101,9 +95,6 @@ def kd_logit_grad_norm(
         (grad,) = torch.autograd.grad(kd, z, create_graph=True)
     # The tiny offset keeps d/dtau finite when the KD gradient vanishes (every teacher row masked).
     return (grad.square().sum() + 1e-30).sqrt()
-
-
-META_LOSSES = ('ce', 'calibrated')
 
 
 def _is_soft(target: torch.Tensor, logits: torch.Tensor) -> bool:

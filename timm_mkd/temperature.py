@@ -1,4 +1,4 @@
-"""The two learnable softmax temperatures of MKD.
+"""The two learnable softmax temperatures of MKD, and their meta update.
 
 Parameterisation: each temperature is stored as its logarithm, ``tau = exp(log_tau)``, and
 after every meta update ``log_tau`` is projected back into ``[log tau_min, log tau_max]``.
@@ -11,44 +11,37 @@ so a temperature that drifts to a bound sticks there; the projection leaves the 
 untouched inside the bounds and simply refuses to leave them.
 """
 import math
-from typing import Tuple
+from typing import Dict, Tuple
 
 import torch
 import torch.nn as nn
+
+from .config import MKDConfig
 
 
 class Temperatures(nn.Module):
     """Teacher temperature ``tau_t`` and student temperature ``tau_s`` as meta-parameters.
 
+    Owns the two log-temperature parameters, their meta optimizer and their update: tying (both move
+    by the sum of their hypergradients, so ``tau_t / tau_s`` keeps its initial value) and the bounds.
+
     Args:
-        tau_t: initial teacher temperature.
-        tau_s: initial student temperature.
-        tau_min: lower bound for both temperatures (> 0).
-        tau_max: upper bound for both temperatures (> tau_min).
-        learn_tau_t: whether the meta step may change ``tau_t``.
-        learn_tau_s: whether the meta step may change ``tau_s``.
+        config: initial values, bounds, which temperatures learn, tying, meta optimizer and its lr
+            (already validated by ``MKDConfig``).
         device: device of the parameters.
     """
 
-    def __init__(
-            self,
-            tau_t: float = 1.0,
-            tau_s: float = 1.0,
-            tau_min: float = 0.5,
-            tau_max: float = 20.0,
-            learn_tau_t: bool = True,
-            learn_tau_s: bool = True,
-            device=None,
-    ):
+    def __init__(self, config: MKDConfig = MKDConfig(), device=None):
         super().__init__()
-        check_bounds(tau_t, tau_s, tau_min, tau_max)
-        self.tau_min = float(tau_min)
-        self.tau_max = float(tau_max)
+        self.tau_min = config.tau_min
+        self.tau_max = config.tau_max
+        self.tied = config.tied
         # float32 always: the temperatures must not be quantised by a bf16/fp16 model dtype.
         self.log_tau_t = nn.Parameter(
-            torch.tensor(math.log(tau_t), device=device, dtype=torch.float32), requires_grad=learn_tau_t)
+            torch.tensor(math.log(config.tau_t), device=device, dtype=torch.float32), requires_grad=config.learn_tau_t)
         self.log_tau_s = nn.Parameter(
-            torch.tensor(math.log(tau_s), device=device, dtype=torch.float32), requires_grad=learn_tau_s)
+            torch.tensor(math.log(config.tau_s), device=device, dtype=torch.float32), requires_grad=config.learn_tau_s)
+        self.optimizer = _make_meta_optimizer(config.meta_optimizer, self.learnable(), config.meta_lr)
 
     def forward(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """Returns ``(tau_t, tau_s)`` as 0-dim float32 tensors, differentiable w.r.t. the log-parameters."""
@@ -65,30 +58,65 @@ class Temperatures(nn.Module):
         self.log_tau_t.clamp_(lo, hi)
         self.log_tau_s.clamp_(lo, hi)
 
+    def step(self, grad: torch.Tensor) -> None:
+        """One meta-optimizer step along ``grad`` (``[2]``: d/d log tau_t, d/d log tau_s), then the bounds.
+
+        Tied, both parameters get the sum of the two components.
+        """
+        if self.tied:
+            grad = grad.sum().expand(2)
+        for p, g in ((self.log_tau_t, grad[0]), (self.log_tau_s, grad[1])):
+            if p.requires_grad:
+                p.grad = g.to(device=p.device, dtype=p.dtype).reshape(p.shape).clone()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.project_()
+
+    def jump_to(self, log_tau_t: torch.Tensor) -> None:
+        """Set ``log tau_t`` (``tau_s`` keeps its ratio to it when tied), then project onto the bounds."""
+        with torch.no_grad():
+            delta = log_tau_t.to(self.log_tau_t) - self.log_tau_t
+            self.log_tau_t.add_(delta)
+            if self.tied:
+                self.log_tau_s.add_(delta.to(self.log_tau_s))
+        self.project_()
+
     def values(self) -> Tuple[float, float]:
         """Current ``(tau_t, tau_s)`` as Python floats."""
         with torch.no_grad():
             tau_t, tau_s = self()
         return float(tau_t), float(tau_s)
 
+    def state(self) -> Dict:
+        """The log-temperatures and the meta-optimizer state (tensors and dicts only)."""
+        return {'log_tau_t': self.log_tau_t.detach().clone(), 'log_tau_s': self.log_tau_s.detach().clone(),
+                'meta_optimizer': self.optimizer.state_dict()}
+
+    def load_state(self, state: Dict) -> None:
+        """Restore what ``state`` returned.
+
+        Raises:
+            RuntimeError: when the meta-optimizer state does not fit (other learnable temperatures).
+        """
+        with torch.no_grad():
+            self.log_tau_t.copy_(state['log_tau_t'])
+            self.log_tau_s.copy_(state['log_tau_s'])
+        try:
+            self.optimizer.load_state_dict(state['meta_optimizer'])
+        except ValueError as e:
+            raise RuntimeError(
+                f"the checkpoint's MKD meta-optimizer state does not fit this run ({e}); were different "
+                f"temperatures learnable when it was saved?") from e
+
     def extra_repr(self) -> str:
         tau_t, tau_s = self.values()
         return f'tau_t={tau_t:.4g}, tau_s={tau_s:.4g}, bounds=[{self.tau_min:g}, {self.tau_max:g}]'
 
 
-def check_bounds(tau_t: float, tau_s: float, tau_min: float, tau_max: float) -> None:
-    """Raise ``ValueError`` naming the problem when bounds or initial values are unusable."""
-    for name, value in (('tau_t', tau_t), ('tau_s', tau_s), ('tau_min', tau_min), ('tau_max', tau_max)):
-        if not math.isfinite(value):
-            raise ValueError(f"MKD temperature {name}={value} is not finite; give a finite positive number.")
-    if tau_min <= 0:
-        raise ValueError(f"MKD temperature lower bound tau_min={tau_min} must be > 0 (temperatures divide logits).")
-    if tau_min >= tau_max:
-        raise ValueError(
-            f"MKD temperature bounds need tau_min < tau_max, got tau_min={tau_min} >= tau_max={tau_max}; "
-            f"swap or widen them (e.g. --mkd-tau-min 0.5 --mkd-tau-max 20).")
-    for name, value in (('tau_t', tau_t), ('tau_s', tau_s)):
-        if not tau_min <= value <= tau_max:
-            raise ValueError(
-                f"initial MKD temperature {name}={value} lies outside the bounds [{tau_min}, {tau_max}]; "
-                f"choose an initial value inside them or widen the bounds.")
+def _make_meta_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    if not params:
+        # Nothing learnable: keep an optimizer so task_state has a uniform shape.
+        params = [nn.Parameter(torch.zeros(()), requires_grad=True)]
+    if name.lower() == 'sgd':
+        return torch.optim.SGD(params, lr=lr)
+    return torch.optim.Adam(params, lr=lr)

@@ -1,0 +1,138 @@
+"""MKDConfig: every MKD option, its default and its validation, in one frozen record.
+
+``MKDTask`` takes one (or builds one from its keyword arguments), ``timm_mkd.cli`` builds one from
+the command line and reads its defaults from here, ``Temperatures`` and the meta controller read
+their settings from it. Nothing here imports torch, so the command line's ``--help`` stays light.
+
+Errors are ``MKDConfigError`` (a ``ValueError``) and speak in the option names of this record
+(``tau_t=30.0 is outside the bounds ...``); the CLI rewrites those names into its flags.
+"""
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, Tuple
+
+__all__ = [
+    'ESTIMATORS', 'HYPERGRAD_MODES', 'KD_SCALES', 'META_LOSSES', 'META_OPTIMIZERS', 'MKDConfig', 'MKDConfigError',
+]
+
+ESTIMATORS = ('lookahead', 'neumann', 'calibration')
+HYPERGRAD_MODES = ('shape', 'full')
+KD_SCALES = ('student', 'product')
+META_LOSSES = ('ce', 'calibrated')
+META_OPTIMIZERS = ('adam', 'sgd')
+
+
+class MKDConfigError(ValueError):
+    """An unusable MKD option; the message names the option(s) as ``name=value``."""
+
+
+@dataclass(frozen=True)
+class MKDConfig:
+    """The MKD hyper-parameters of one run (what ``MKDTask`` documents as its keyword arguments).
+
+    Args:
+        tau_t: initial teacher temperature.
+        tau_s: initial student temperature.
+        tau_min: lower bound of both temperatures (> 0).
+        tau_max: upper bound of both temperatures (> tau_min).
+        learn_tau_t: let the meta step move ``tau_t``.
+        learn_tau_s: let the meta step move ``tau_s``.
+        tie_temperatures: move both log-temperatures by the same amount (ignored when one is fixed).
+        meta_interval: optimizer updates between meta steps (>= 1).
+        meta_lr: learning rate of the meta optimizer on the log-temperatures.
+        meta_optimizer: ``'adam'`` or ``'sgd'``.
+        fd_eps: finite-difference step, relative to the norm of the look-ahead direction.
+        kd_scale: ``'student'`` (``tau_s^2``) or ``'product'`` (``tau_t * tau_s``).
+        hypergrad_mode: ``'full'`` or ``'shape'`` (look-ahead estimators).
+        meta_loss: ``'calibrated'`` or ``'ce'`` (look-ahead estimators).
+        estimator: ``'calibration'``, ``'lookahead'`` or ``'neumann'``.
+        warm_start_batches: ``'calibration'`` only: meta batches the first meta step solves on (0: off).
+        neumann_terms: Hessian-vector products of the ``'neumann'`` estimator.
+        neumann_scale: step of the Neumann series relative to the look-ahead Jacobian.
+
+    Raises:
+        MKDConfigError: at construction, for the first unusable value.
+    """
+    tau_t: float = 1.0
+    tau_s: float = 1.0
+    tau_min: float = 0.5
+    tau_max: float = 20.0
+    learn_tau_t: bool = True
+    learn_tau_s: bool = True
+    tie_temperatures: bool = True
+    meta_interval: int = 10
+    meta_lr: float = 0.1
+    meta_optimizer: str = 'adam'
+    fd_eps: float = 1e-2
+    kd_scale: str = 'student'
+    hypergrad_mode: str = 'full'
+    meta_loss: str = 'calibrated'
+    estimator: str = 'calibration'
+    warm_start_batches: int = 4
+    neumann_terms: int = 5
+    neumann_scale: float = 1.0
+
+    def __post_init__(self):
+        _check_count('meta_interval', self.meta_interval, 1, 'the number of optimizer updates between meta steps, '
+                                                             'so it must be >= 1, e.g. 20')
+        _check_positive('meta_lr', self.meta_lr)
+        _check_positive('fd_eps', self.fd_eps)
+        self._check_temperatures()
+        for name, choices in (('kd_scale', KD_SCALES), ('hypergrad_mode', HYPERGRAD_MODES),
+                              ('meta_loss', META_LOSSES), ('estimator', ESTIMATORS)):
+            if getattr(self, name) not in choices:
+                raise MKDConfigError(f"{name}='{getattr(self, name)}' is unknown; use one of {choices}.")
+        _check_count('warm_start_batches', self.warm_start_batches, 0, '0: no warm start, e.g. 4')
+        if str(self.meta_optimizer).lower() not in META_OPTIMIZERS:
+            raise MKDConfigError(f"unknown meta optimizer meta_optimizer='{self.meta_optimizer}'; use 'adam' or 'sgd'.")
+        for name, kind in (('meta_interval', int), ('warm_start_batches', int), ('neumann_terms', int),
+                           ('fd_eps', float), ('neumann_scale', float), ('tau_min', float), ('tau_max', float),
+                           ('tie_temperatures', bool), ('learn_tau_t', bool), ('learn_tau_s', bool)):
+            object.__setattr__(self, name, kind(getattr(self, name)))
+
+    def _check_temperatures(self) -> None:
+        values = (('tau_t', self.tau_t), ('tau_s', self.tau_s), ('tau_min', self.tau_min), ('tau_max', self.tau_max))
+        for name, value in values:
+            if not math.isfinite(value):
+                raise MKDConfigError(f"{name}={value} is not finite; a temperature must be a finite positive number.")
+        if self.tau_min <= 0:
+            raise MKDConfigError(f"tau_min={self.tau_min} must be > 0 (temperatures divide logits): a temperature "
+                                 f"must be a positive number.")
+        if self.tau_min >= self.tau_max:
+            raise MKDConfigError(f"tau_min={self.tau_min} must be smaller than tau_max={self.tau_max} (the bounds "
+                                 f"need tau_min < tau_max); swap or widen them.")
+        for name, value in values[:2]:
+            if not self.tau_min <= value <= self.tau_max:
+                raise MKDConfigError(
+                    f"{name}={value} is outside the bounds [tau_min={self.tau_min}, tau_max={self.tau_max}]; "
+                    f"move the initial value or the bounds.")
+
+    @property
+    def tied(self) -> bool:
+        """Whether the meta step ties the temperatures (needs both learnable)."""
+        return self.tie_temperatures and self.learn_tau_t and self.learn_tau_s
+
+    @classmethod
+    def field_names(cls) -> Tuple[str, ...]:
+        """The option names, in declaration order."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def defaults(cls) -> Dict[str, Any]:
+        """``{option: default}`` for every option."""
+        return {f.name: f.default for f in dataclasses.fields(cls)}
+
+    def replace(self, **changes) -> 'MKDConfig':
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _check_count(name: str, value, minimum: int, why: str) -> None:
+    if int(value) != value or value < minimum:
+        raise MKDConfigError(f"{name}={value} must be an integer >= {minimum} ({why}).")
+
+
+def _check_positive(name: str, value) -> None:
+    if not (value > 0 and math.isfinite(value)):
+        raise MKDConfigError(f"{name}={value} must be a finite positive number.")

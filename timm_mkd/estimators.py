@@ -1,0 +1,154 @@
+"""Hypergradient estimators: what the meta step follows, behind one small interface.
+
+An estimator is any object with
+
+- ``needs_lookahead`` (bool): whether it differentiates through the optimizer's look-ahead, so the
+  controller must snapshot the parameters before the update and the task must keep the training
+  forward's RNG state;
+- ``warm_start_batches`` (int): meta batches ``solve`` wants for the first meta step (0: none);
+- ``__call__(inputs: MetaInputs) -> HyperGradient``: d meta objective / d (log tau_t, log tau_s);
+- ``solve(teacher_logits, targets, tau_min, tau_max) -> HyperGradient`` (only if ``warm_start_batches``):
+  the log-temperature to jump to, carried in ``grad[0]``.
+
+``build_estimator(config)`` returns the built-in one that ``MKDConfig.estimator`` names;
+``MKDTask(hypergradient=...)`` takes any other object with this interface, so a new estimator
+needs no change to the task or the meta controller.
+"""
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .calibration import calibrated_log_temperature, calibration_hypergradient
+from .config import MKDConfig
+from .meta_parts import HyperGradient, TrainBatch
+from .meta_step import finite_difference_hypergradient, neumann_hypergradient
+
+__all__ = ['LossTerms', 'MetaInputs', 'Estimator', 'LookaheadEstimator', 'NeumannEstimator',
+           'CalibrationEstimator', 'ESTIMATOR_TYPES', 'build_estimator']
+
+
+@dataclass(frozen=True)
+class LossTerms:
+    """The training loss the look-ahead differentiates: ``task_weight * criterion + kd_weight * KD(kd_scale)``."""
+    criterion: Callable
+    task_weight: float
+    kd_weight: float
+    kd_scale: str
+
+
+@dataclass
+class MetaInputs:
+    """Everything one hypergradient evaluation may read.
+
+    Attributes:
+        student: the unwrapped student, after the optimizer step (parameters ``theta'``).
+        optimizer: the student optimizer, right after its step.
+        theta: parameters before the step, by name (None when no estimator needs them).
+        batch: the training batch of that step.
+        meta_input: meta batch input.
+        meta_target: meta batch target.
+        log_taus: ``(log tau_t, log tau_s)``.
+        loss: the training loss's terms.
+        teacher_logits: ``fn(meta_input)``: the teacher's logits on a meta batch.
+        meta_autocast: optional autocast context factory for meta-batch forwards.
+    """
+    student: nn.Module
+    optimizer: torch.optim.Optimizer
+    theta: Optional[Dict[str, torch.Tensor]]
+    batch: TrainBatch
+    meta_input: torch.Tensor
+    meta_target: torch.Tensor
+    log_taus: Tuple[torch.Tensor, torch.Tensor]
+    loss: LossTerms
+    teacher_logits: Callable[[torch.Tensor], torch.Tensor]
+    meta_autocast: Optional[Callable] = None
+
+
+class Estimator:
+    """Base of the built-in estimators (see the module docstring for the interface)."""
+    needs_lookahead = True
+    warm_start_batches = 0
+
+    def __call__(self, inputs: MetaInputs) -> HyperGradient:
+        raise NotImplementedError
+
+    def solve(self, teacher_logits: torch.Tensor, targets: torch.Tensor, tau_min: float,
+              tau_max: float) -> HyperGradient:
+        raise NotImplementedError(f'{type(self).__name__} has no warm start')
+
+
+class LookaheadEstimator(Estimator):
+    """The student's meta loss after a one-step look-ahead (``finite_difference_hypergradient``).
+
+    Args:
+        config: ``fd_eps``, ``hypergrad_mode`` and ``meta_loss`` are read.
+    """
+
+    def __init__(self, config: MKDConfig):
+        self.fd_eps = config.fd_eps
+        self.mode = config.hypergrad_mode
+        self.meta_loss = config.meta_loss
+
+    def _args(self, i: MetaInputs):
+        return (i.student, i.optimizer, i.theta, i.batch, i.meta_input, i.meta_target, i.log_taus, i.loss.kd_weight)
+
+    def _options(self, i: MetaInputs) -> dict:
+        return dict(fd_eps=self.fd_eps, meta_autocast=i.meta_autocast, kd_scale=i.loss.kd_scale, mode=self.mode,
+                    meta_loss=self.meta_loss)
+
+    def __call__(self, inputs: MetaInputs) -> HyperGradient:
+        return finite_difference_hypergradient(*self._args(inputs), **self._options(inputs))
+
+
+class NeumannEstimator(LookaheadEstimator):
+    """Implicit differentiation with a Neumann series (``neumann_hypergradient``).
+
+    Args:
+        config: as ``LookaheadEstimator``, plus ``neumann_terms`` and ``neumann_scale``.
+    """
+
+    def __init__(self, config: MKDConfig):
+        super().__init__(config)
+        self.terms = config.neumann_terms
+        self.scale = config.neumann_scale
+
+    def __call__(self, inputs: MetaInputs) -> HyperGradient:
+        return neumann_hypergradient(*self._args(inputs), criterion=inputs.loss.criterion,
+                                     task_weight=inputs.loss.task_weight, terms=self.terms, scale=self.scale,
+                                     **self._options(inputs))
+
+
+class CalibrationEstimator(Estimator):
+    """The teacher's held-out NLL at its temperature (``calibration_hypergradient``), with a warm start.
+
+    Args:
+        config: ``warm_start_batches`` is read.
+    """
+    needs_lookahead = False
+
+    def __init__(self, config: MKDConfig):
+        self.warm_start_batches = config.warm_start_batches
+
+    def __call__(self, inputs: MetaInputs) -> HyperGradient:
+        return calibration_hypergradient(inputs.teacher_logits(inputs.meta_input), inputs.meta_target, inputs.log_taus)
+
+    def solve(self, teacher_logits: torch.Tensor, targets: torch.Tensor, tau_min: float,
+              tau_max: float) -> HyperGradient:
+        """The exact minimiser of the teacher's NLL on the given meta batches.
+
+        Returns:
+            ``HyperGradient`` whose ``grad[0]`` is ``log tau*`` and whose ``meta_loss`` is the NLL there.
+        """
+        log_tau = calibrated_log_temperature(teacher_logits, targets, tau_min, tau_max).to(teacher_logits.device)
+        nll = calibration_hypergradient(teacher_logits, targets, (log_tau, log_tau)).meta_loss
+        return HyperGradient(grad=torch.stack([log_tau, torch.zeros_like(log_tau)]), meta_loss=nll, epsilon=0.0)
+
+
+ESTIMATOR_TYPES = {'lookahead': LookaheadEstimator, 'neumann': NeumannEstimator, 'calibration': CalibrationEstimator}
+
+
+def build_estimator(config: MKDConfig) -> Estimator:
+    """The built-in estimator ``config.estimator`` names."""
+    return ESTIMATOR_TYPES[config.estimator](config)
