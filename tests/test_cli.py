@@ -61,7 +61,8 @@ def test_full_mkd_command_line():
         '--mkd', '--teacher', 'resnet18', '--mkd-tau-t', '2', '--mkd-tau-s', '3', '--mkd-tau-min', '1',
         '--mkd-tau-max', '10', '--mkd-meta-interval', '5', '--mkd-meta-lr', '0.1', '--mkd-meta-data', '0.2',
         '--mkd-meta-batch-size', '16', '--mkd-temperatures', 'free', '--mkd-hypergrad', 'shape',
-        '--mkd-meta-loss', 'calibrated', '--mkd-estimator', 'neumann', '--mkd-warm-start', '2', '-b', '64')
+        '--mkd-meta-loss', 'calibrated', '--mkd-estimator', 'neumann', '--mkd-warm-start', '2', '--mkd-fd-precision', 'float32',
+        '--mkd-fd-batch-size', '8', '-b', '64')
     assert opts.mkd and opts.teacher == 'resnet18'
     assert args.kd_model_name == 'resnet18'  # --teacher switches train.py into distillation
     assert (opts.tau_t, opts.tau_s, opts.tau_min, opts.tau_max) == (2.0, 3.0, 1.0, 10.0)
@@ -69,7 +70,8 @@ def test_full_mkd_command_line():
     assert opts.meta_data == MetaDataSpec('holdout', fraction=0.2)
     assert opts.task_kwargs() == dict(tau_t=2.0, tau_s=3.0, tau_min=1.0, tau_max=10.0, meta_interval=5, meta_lr=0.1,
                                       tie_temperatures=False, hypergrad_mode='shape', meta_loss='calibrated',
-                                      estimator='neumann', warm_start_batches=2)
+                                      estimator='neumann', warm_start_batches=2, fd_precision='float32',
+                                      fd_batch_size=8)
 
 
 def test_temperature_mode_flags_default_to_the_core():

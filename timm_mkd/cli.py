@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence
 
-from .config import ESTIMATORS, HYPERGRAD_MODES, META_LOSSES, MKDConfig, MKDConfigError
+from .config import ESTIMATORS, FD_PRECISIONS, HYPERGRAD_MODES, META_LOSSES, MKDConfig, MKDConfigError
 
 __all__ = ['MKD_DESTS', 'MKDArgumentError', 'MetaDataSpec', 'MKDOptions', 'add_mkd_args', 'parse_meta_data',
            'validate_mkd_args', 'mkd_flags_in_use', 'flag_of']
@@ -36,7 +36,7 @@ CONFIG_FIELDS = {
     'mkd_tau_t': 'tau_t', 'mkd_tau_s': 'tau_s', 'mkd_tau_min': 'tau_min', 'mkd_tau_max': 'tau_max',
     'mkd_meta_interval': 'meta_interval', 'mkd_meta_lr': 'meta_lr', 'mkd_temperatures': 'tie_temperatures',
     'mkd_hypergrad': 'hypergrad_mode', 'mkd_meta_loss': 'meta_loss', 'mkd_estimator': 'estimator',
-    'mkd_warm_start': 'warm_start_batches',
+    'mkd_warm_start': 'warm_start_batches', 'mkd_fd_precision': 'fd_precision', 'mkd_fd_batch_size': 'fd_batch_size',
 }
 
 #: argparse ``dest`` of every flag ``add_mkd_args`` adds, with its default.
@@ -86,6 +86,13 @@ _FLAGS = {
                        'calibration estimator: the first meta step sets the temperature to the exact minimiser of the '
                        'teacher\'s NLL on this many meta batches, so the start value does not matter; 0: walk from '
                        '--mkd-tau-t'),
+    'mkd_fd_precision': (dict(choices=FD_PRECISIONS),
+                         'lookahead / neumann estimators: precision of the two finite-difference forwards. auto: the '
+                         'training autocast when it is float16 (--amp), float32 under bfloat16 or without --amp; '
+                         'float32; autocast'),
+    'mkd_fd_batch_size': (dict(type=int, metavar='N'),
+                          'lookahead / neumann estimators: finite difference on the first N training samples of the '
+                          'batch (0: all); cheaper, noisier'),
     'mkd_meta_data': (dict(type=str, metavar='SOURCE'),
                       'Where meta batches come from: a fraction such as 0.05 (hold out that share of the training '
                       'split; those samples leave training), split:NAME (another split of --dataset), folder:PATH (an '

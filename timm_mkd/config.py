@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Tuple
 
 __all__ = [
-    'ESTIMATORS', 'HYPERGRAD_MODES', 'KD_SCALES', 'META_LOSSES', 'META_OPTIMIZERS', 'MKDConfig', 'MKDConfigError',
+    'ESTIMATORS', 'FD_PRECISIONS', 'HYPERGRAD_MODES', 'KD_SCALES', 'META_LOSSES', 'META_OPTIMIZERS', 'MKDConfig', 'MKDConfigError',
 ]
 
 ESTIMATORS = ('lookahead', 'neumann', 'calibration')
@@ -21,6 +21,7 @@ HYPERGRAD_MODES = ('shape', 'full')
 KD_SCALES = ('student', 'product')
 META_LOSSES = ('ce', 'calibrated')
 META_OPTIMIZERS = ('adam', 'sgd')
+FD_PRECISIONS = ('auto', 'float32', 'autocast')
 
 
 class MKDConfigError(ValueError):
@@ -43,6 +44,11 @@ class MKDConfig:
         meta_lr: learning rate of the meta optimizer on the log-temperatures.
         meta_optimizer: ``'adam'`` or ``'sgd'``.
         fd_eps: finite-difference step, relative to the norm of the look-ahead direction.
+        fd_precision: look-ahead estimators: precision of the two finite-difference forwards. ``'auto'``: the training
+            autocast when it is float16 (within 1% of the float32 oracle), float32 otherwise (bfloat16 is off by up
+            to 12%); ``'float32'``: always float32; ``'autocast'``: always the training autocast.
+        fd_batch_size: look-ahead estimators: the finite difference uses the first this many training samples
+            (0: the whole batch); fewer samples cost less and add noise (``benchmarks/hypergrad_snr.py``).
         kd_scale: ``'student'`` (``tau_s^2``) or ``'product'`` (``tau_t * tau_s``).
         hypergrad_mode: ``'full'`` or ``'shape'`` (look-ahead estimators).
         meta_loss: ``'calibrated'`` or ``'ce'`` (look-ahead estimators).
@@ -65,6 +71,8 @@ class MKDConfig:
     meta_lr: float = 0.1
     meta_optimizer: str = 'adam'
     fd_eps: float = 1e-2
+    fd_precision: str = 'auto'
+    fd_batch_size: int = 0
     kd_scale: str = 'student'
     hypergrad_mode: str = 'full'
     meta_loss: str = 'calibrated'
@@ -80,13 +88,16 @@ class MKDConfig:
         _check_positive('fd_eps', self.fd_eps)
         self._check_temperatures()
         for name, choices in (('kd_scale', KD_SCALES), ('hypergrad_mode', HYPERGRAD_MODES),
-                              ('meta_loss', META_LOSSES), ('estimator', ESTIMATORS)):
+                              ('meta_loss', META_LOSSES), ('estimator', ESTIMATORS),
+                              ('fd_precision', FD_PRECISIONS)):
             if getattr(self, name) not in choices:
                 raise MKDConfigError(f"{name}='{getattr(self, name)}' is unknown; use one of {choices}.")
         _check_count('warm_start_batches', self.warm_start_batches, 0, '0: no warm start, e.g. 4')
+        _check_count('fd_batch_size', self.fd_batch_size, 0, '0: the whole training batch, e.g. 32')
         if str(self.meta_optimizer).lower() not in META_OPTIMIZERS:
             raise MKDConfigError(f"unknown meta optimizer meta_optimizer='{self.meta_optimizer}'; use 'adam' or 'sgd'.")
         for name, kind in (('meta_interval', int), ('warm_start_batches', int), ('neumann_terms', int),
+                           ('fd_batch_size', int),
                            ('fd_eps', float), ('neumann_scale', float), ('tau_min', float), ('tau_max', float),
                            ('tie_temperatures', bool), ('learn_tau_t', bool), ('learn_tau_s', bool)):
             object.__setattr__(self, name, kind(getattr(self, name)))

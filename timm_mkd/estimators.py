@@ -26,7 +26,7 @@ from .meta_parts import HyperGradient, TrainBatch
 from .meta_step import finite_difference_hypergradient, neumann_hypergradient
 
 __all__ = ['LossTerms', 'MetaInputs', 'Estimator', 'LookaheadEstimator', 'NeumannEstimator',
-           'CalibrationEstimator', 'ESTIMATOR_TYPES', 'build_estimator']
+           'CalibrationEstimator', 'ESTIMATOR_TYPES', 'build_estimator', 'fd_autocast']
 
 
 @dataclass(frozen=True)
@@ -90,13 +90,16 @@ class LookaheadEstimator(Estimator):
         self.fd_eps = config.fd_eps
         self.mode = config.hypergrad_mode
         self.meta_loss = config.meta_loss
+        self.fd_precision = config.fd_precision
+        self.fd_batch_size = config.fd_batch_size
 
     def _args(self, i: MetaInputs):
         return (i.student, i.optimizer, i.theta, i.batch, i.meta_input, i.meta_target, i.log_taus, i.loss.kd_weight)
 
     def _options(self, i: MetaInputs) -> dict:
         return dict(fd_eps=self.fd_eps, meta_autocast=i.meta_autocast, kd_scale=i.loss.kd_scale, mode=self.mode,
-                    meta_loss=self.meta_loss)
+                    meta_loss=self.meta_loss, fd_batch_size=self.fd_batch_size,
+                    fd_autocast=fd_autocast(self.fd_precision, i.meta_autocast, i.batch.input.device))
 
     def __call__(self, inputs: MetaInputs) -> HyperGradient:
         return finite_difference_hypergradient(*self._args(inputs), **self._options(inputs))
@@ -144,6 +147,17 @@ class CalibrationEstimator(Estimator):
         log_tau = calibrated_log_temperature(teacher_logits, targets, tau_min, tau_max).to(teacher_logits.device)
         nll = calibration_hypergradient(teacher_logits, targets, (log_tau, log_tau)).meta_loss
         return HyperGradient(grad=torch.stack([log_tau, torch.zeros_like(log_tau)]), meta_loss=nll, epsilon=0.0)
+
+
+def fd_autocast(precision: str, meta_autocast: Optional[Callable], device: torch.device) -> Optional[Callable]:
+    """The autocast factory for the finite-difference forwards, or None for float32 (see ``MKDConfig.fd_precision``)."""
+    if meta_autocast is None or precision == 'float32':
+        return None
+    if precision == 'autocast':
+        return meta_autocast
+    with meta_autocast():
+        low = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == torch.float16
+    return meta_autocast if low else None
 
 
 ESTIMATOR_TYPES = {'lookahead': LookaheadEstimator, 'neumann': NeumannEstimator, 'calibration': CalibrationEstimator}

@@ -151,8 +151,15 @@ class MetaController:
             handle.remove()
         self.hooks = []
 
+    @property
+    def lookahead_due(self) -> bool:
+        """Whether the next update needs what a look-ahead meta step reads (the training forward's RNG state, the
+        pre-update parameters): only the update before a meta step, or every one while no optimizer is hooked
+        (a caller driving ``meta_step`` itself). Other steps capture and copy nothing."""
+        return self.estimator.needs_lookahead and (not self.hooks or (self.updates + 1) % self.meta_interval == 0)
+
     def before_update(self, optimizer, args, kwargs) -> None:
-        if (self.updates + 1) % self.meta_interval == 0 and self.estimator.needs_lookahead:
+        if self.lookahead_due:
             self.theta = {n: p.detach().clone() for n, p, _ in optimizer_params(self._student(), optimizer)}
 
     def after_update(self, optimizer, args, kwargs) -> None:

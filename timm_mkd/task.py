@@ -227,8 +227,8 @@ class MKDTask(_MetaStepAPI, LogitDistillationTask):
             Dict with ``loss``, ``output`` (student logits), ``task_loss``, ``kd_loss``, ``tau_t``, ``tau_s``.
         """
         remember = self.trainable_module.training and torch.is_grad_enabled()
-        # Only the look-ahead estimators replay the forward's random masks; the calibration step needs no RNG state.
-        rng_state = capture_rng_state(input.device) if remember and self.meta.estimator.needs_lookahead else None
+        # Only a look-ahead meta step after this update replays the forward's random masks.
+        rng_state = capture_rng_state(input.device) if remember and self.meta.lookahead_due else None
         student_logits = self.trainable_module(input)
         task_loss = self.criterion(student_logits, target)
 
