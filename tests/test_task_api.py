@@ -112,3 +112,21 @@ def test_tied_temperatures_keep_their_ratio_and_move():
     assert task.temperatures()[1] == 2.0 and task.temperatures()[0] != 3.0
     with pytest.raises(ValueError, match='hypergrad_mode'):
         _task(hypergrad_mode='long')
+
+
+def test_tied_temperatures_keep_their_ratio_at_the_bounds():
+    """A tied jump or step past a bound shifts both log-temperatures together (the warm start on an
+    untrained teacher asks for tau far above tau_max)."""
+    import math
+    from timm_mkd.config import MKDConfig
+    from timm_mkd.temperature import Temperatures
+    tau = Temperatures(MKDConfig(tau_t=3.0, tau_s=2.0, tau_max=20.0, tau_min=0.5))
+    tau.jump_to(torch.tensor(math.log(30.0)))
+    tau_t, tau_s = tau.values()
+    assert math.isclose(tau_t, 20.0, rel_tol=1e-5) and math.isclose(tau_t / tau_s, 1.5, rel_tol=1e-5)
+    tau.jump_to(torch.tensor(math.log(0.1)))
+    tau_t, tau_s = tau.values()
+    assert math.isclose(tau_s, 0.5, rel_tol=1e-5) and math.isclose(tau_t / tau_s, 1.5, rel_tol=1e-5)
+    free = Temperatures(MKDConfig(tau_t=3.0, tau_s=2.0, tie_temperatures=False))
+    free.jump_to(torch.tensor(math.log(30.0)))
+    assert math.isclose(free.values()[0], 20.0, rel_tol=1e-5) and math.isclose(free.values()[1], 2.0, rel_tol=1e-6)

@@ -53,8 +53,17 @@ class Temperatures(nn.Module):
 
     @torch.no_grad()
     def project_(self) -> None:
-        """Clamp both log-temperatures into ``[log tau_min, log tau_max]`` in place."""
+        """Bring both log-temperatures into ``[log tau_min, log tau_max]`` in place.
+
+        Tied, both are shifted by the same amount (the ratio is kept: the initial values lie within the
+        bounds, so it fits); untied, each is clamped on its own.
+        """
         lo, hi = math.log(self.tau_min), math.log(self.tau_max)
+        if self.tied:
+            pair = torch.stack([self.log_tau_t.detach(), self.log_tau_s.detach().to(self.log_tau_t)])
+            shift = (hi - pair.max()).clamp(max=0) + (lo - pair.min()).clamp(min=0)
+            self.log_tau_t.add_(shift)
+            self.log_tau_s.add_(shift.to(self.log_tau_s))
         self.log_tau_t.clamp_(lo, hi)
         self.log_tau_s.clamp_(lo, hi)
 
