@@ -24,6 +24,9 @@ def load_adapters():
     Returns:
         The adapters package.
     """
+    # The adapters read the MKD flags from this checkout's timm_mkd (standard library only at import).
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
     folder = os.path.join(REPO, 'patches')
     spec = importlib.util.spec_from_file_location(
         '_quickstart_patches', os.path.join(folder, '__init__.py'), submodule_search_locations=[folder])

@@ -9,7 +9,7 @@ import importlib.util
 import os
 import re
 import sys
-from typing import Tuple
+from typing import Optional, Tuple
 
 MIN_TIMM_VERSION = (1, 0, 27)
 
@@ -33,13 +33,14 @@ def parse_version(text: str) -> Tuple[int, int, int]:
     return tuple(parts)
 
 
-def check_timm_version(installed: str) -> None:
+def check_timm_version(installed: Optional[str]) -> None:
     """Raise ``UnsupportedTimmVersion`` naming both versions when ``installed`` is too old.
 
     Args:
-        installed: the version string of the installed timm (``timm.__version__``).
+        installed: the version string of the installed timm (``timm.__version__``); None when timm is not
+            installed (the quickstart reads the adapters before it installs anything): nothing to check yet.
     """
-    if parse_version(installed) < MIN_TIMM_VERSION:
+    if installed is not None and parse_version(installed) < MIN_TIMM_VERSION:
         required = '.'.join(str(v) for v in MIN_TIMM_VERSION)
         raise UnsupportedTimmVersion(
             f"timm-mkd needs timm >= {required} (its TrainingTask API with task_state checkpoints), "
@@ -47,7 +48,7 @@ def check_timm_version(installed: str) -> None:
         )
 
 
-def installed_timm_version() -> str:
+def installed_timm_version() -> Optional[str]:
     """The installed timm's ``__version__``, read without importing timm (which imports torch) when it is not loaded yet.
 
     An imported timm answers for itself; otherwise ``timm/version.py`` is read as text, and only if that fails
@@ -57,7 +58,9 @@ def installed_timm_version() -> str:
     if loaded is not None:
         return loaded.__version__
     spec = importlib.util.find_spec('timm')
-    if spec is not None and spec.origin:
+    if spec is None:
+        return None  # not installed: importing what needs timm fails later with Python's own message
+    if spec.origin:
         try:
             with open(os.path.join(os.path.dirname(spec.origin), 'version.py')) as f:
                 found = re.search(r"""^__version__\s*=\s*['"]([^'"]+)['"]""", f.read(), re.M)
