@@ -12,7 +12,6 @@ Writes ``results/hypergrad_snr.csv``. Uses the train split and its held-out meta
     python benchmarks/hypergrad_snr.py               # ~3-5 minutes on 2 CPU cores
 """
 import argparse
-import csv
 import os
 import statistics
 import sys
@@ -88,12 +87,8 @@ def main(argv=None):
             print(f'meta batch {mbs} {name}: mean {m:.3e} std {s:.3e} SNR {snr:.3f} (n={len(v)}, '
                   f'{time.time() - t0:.0f}s)', flush=True)
     out = os.path.join(quality.RESULTS, 'hypergrad_snr.csv')
-    new = not os.path.isfile(out)
-    with open(out, 'a', newline='') as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    for row in rows:
+        quality.append_row(out, row, fields=list(rows[0]))
     print(f'appended to {out}')
 
 

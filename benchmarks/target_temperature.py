@@ -15,7 +15,6 @@ Compare with the best fixed tau of ``quality.py``'s grid for the same teacher. A
 
     python benchmarks/target_temperature.py        # ~1 minute on 1 CPU core
 """
-import csv
 import math
 import os
 import sys
@@ -71,12 +70,8 @@ def main(argv=None):
         print(f'{name:>10}: tau* {rows[-1]["tau_star"]:.3f} on {len(targets)} images '
               f'(NLL {nll:.4f} there, {nll1:.4f} at tau 1), teacher {args.teacher_sha}', flush=True)
     path = os.path.join(quality.RESULTS, 'target_temperature.csv')
-    new = not os.path.exists(path)
-    with open(path, 'a', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    for row in rows:
+        quality.append_row(path, row, fields=list(rows[0]))
     return 0
 
 
