@@ -186,7 +186,9 @@ def file_sha(path, n=8):
 
 
 # ----------------------------------------------------------------------------------- student
-def run_student(args, method, tau, seed, teacher, train_set, meta_set, eval_loader):
+def run_student(args, method, tau, seed, teacher, train_set, meta_set, eval_loader, probe=None):
+    """One student run; ``probe(step, optimizer, task)``, if given, is called after every update and stops the run
+    early by returning True (diagnostics such as ``adam_state.py``)."""
     from timm.data import Mixup
     from timm.loss import SoftTargetCrossEntropy
     from timm.optim import create_optimizer_v2
@@ -244,7 +246,8 @@ def run_student(args, method, tau, seed, teacher, train_set, meta_set, eval_load
     t0 = time.time()
     step = 0
     losses = []
-    while step < args.steps:
+    stopped = False
+    while step < args.steps and not stopped:
         for x, y in loader:
             if step >= args.steps:
                 break
@@ -259,6 +262,9 @@ def run_student(args, method, tau, seed, teacher, train_set, meta_set, eval_load
             sched.step()
             step += 1
             losses.append(loss.item())
+            if probe is not None and probe(step, optimizer, task):
+                stopped = True
+                break
             if step % 100 == 0:
                 extra = ''
                 if method == 'mkd':
