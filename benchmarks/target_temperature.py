@@ -41,7 +41,7 @@ def _collect(teacher, batches, limit):
 def main(argv=None):
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    args = quality.parse_args(argv or [])
+    args = quality.parse_args(sys.argv[1:] if argv is None else argv)
     train_set, meta_set, teacher_train, _ = quality.datasets(args)
     teacher, _ = quality.get_teacher(args, teacher_train, None)
     teacher.eval()
