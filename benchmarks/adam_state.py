@@ -9,8 +9,8 @@ an optimiser side effect of the start, not something the meta step learned.
 
 For each configuration (``quality.py``'s student, teacher, data and schedule; ``--steps`` is the schedule
 length, ``--probe-steps`` how far it runs) this records, every ``--every`` updates, the temperature and the
-AdamW update size ``lr * mean |m_hat / (sqrt(v_hat) + eps)|`` relative to the KD-at-tau-1 run at the same
-update, and appends them to ``results/adam_state.csv``.
+AdamW update size ``lr * mean |m_hat / (sqrt(v_hat) + eps)|`` and the mean preconditioner ``sqrt(v_hat)``,
+each relative to the KD-at-tau-1 run at the same update, and appends them to ``results/adam_state.csv``.
 
     python benchmarks/adam_state.py --tune --seeds 0      # ~4 minutes on 1 CPU core
 """
@@ -26,9 +26,10 @@ import quality  # noqa: E402
 CONFIGS = (('kd', 1.0), ('mkd', 1.0), ('mkd', 4.0), ('mkd', 8.0))
 
 
-def update_size(optimizer) -> float:
-    """Mean |AdamW step| per parameter element at the last update (lr * |m_hat| / (sqrt(v_hat) + eps))."""
-    total, count = 0.0, 0
+def adam_stats(optimizer):
+    """(mean |AdamW step| per parameter element at the last update, ``lr * |m_hat| / (sqrt(v_hat) + eps)``;
+    mean ``sqrt(v_hat)``, the preconditioner's denominator)."""
+    total, denom, count = 0.0, 0.0, 0
     for group in optimizer.param_groups:
         beta1, beta2 = group['betas']
         for p in group['params']:
@@ -39,8 +40,9 @@ def update_size(optimizer) -> float:
             m_hat = state['exp_avg'] / (1 - beta1 ** t)
             v_hat = state['exp_avg_sq'] / (1 - beta2 ** t)
             total += float((group['lr'] * m_hat.abs() / (v_hat.sqrt() + group['eps'])).sum())
+            denom += float(v_hat.sqrt().sum())
             count += p.numel()
-    return total / max(count, 1)
+    return total / max(count, 1), denom / max(count, 1)
 
 
 def main(argv=None):
@@ -59,7 +61,8 @@ def main(argv=None):
     eval_loader = quality.make_loader(eval_set, 500, training=False, img_size=args.img_size)
     teacher, _ = quality.get_teacher(args, teacher_train, eval_loader)
     path = os.path.join(quality.RESULTS, 'adam_state.csv')
-    fields = ['method', 'tau', 'seed', 'step', 'tau_t', 'update_size', 'relative_to_kd1', 'schedule']
+    fields = ['method', 'tau', 'seed', 'step', 'tau_t', 'update_size', 'relative_to_kd1', 'sqrt_v', 'sqrt_v_relative_to_kd1',
+              'schedule']
     for seed in args.seeds:
         reference = {}
         for method, tau in CONFIGS:
@@ -67,15 +70,17 @@ def main(argv=None):
 
             def probe(step, optimizer, task):
                 if step % every == 0:
-                    size = update_size(optimizer)
+                    size, sqrt_v = adam_stats(optimizer)
                     if (method, tau) == CONFIGS[0]:
-                        reference[step] = size
+                        reference[step] = (size, sqrt_v)
                     tau_t = task.temperatures()[0] if method == 'mkd' else tau
                     rows.append(dict(method=method, tau=tau, seed=seed, step=step, tau_t=round(tau_t, 4),
-                                     update_size=f'{size:.4e}', relative_to_kd1=round(size / reference[step], 4),
+                                     update_size=f'{size:.4e}', relative_to_kd1=round(size / reference[step][0], 4),
+                                     sqrt_v=f'{sqrt_v:.4e}', sqrt_v_relative_to_kd1=round(sqrt_v / reference[step][1], 4),
                                      schedule=quality.schedule_sig(args)))
                     print(f'  {method} from {tau:g} seed {seed} update {step}: tau_t {tau_t:.3f}, step size '
-                          f'{size:.3e} ({rows[-1]["relative_to_kd1"]:.3f} x KD tau 1)', flush=True)
+                          f'{size:.3e} ({rows[-1]["relative_to_kd1"]:.3f} x KD tau 1), sqrt(v_hat) '
+                          f'{rows[-1]["sqrt_v_relative_to_kd1"]:.3f} x KD tau 1', flush=True)
                 return step >= probe_steps
 
             quality.run_student(args, method, tau, seed, teacher, train_set, meta_set, eval_loader, probe=probe)
