@@ -129,6 +129,10 @@ def datasets(args):
         val_idx, train_idx = sorted(idx[:5000].tolist()), sorted(idx[5000:].tolist())
         eval_set = IndexSubset(create_dataset('torch/fashion_mnist', root=root, split='train', is_training=False), val_idx)
         train_set = IndexSubset(train_full, train_idx)
+        # The teacher must not have seen the validation images either: a teacher that memorised them hands the
+        # student their labels through its targets, and the sharper the target (lower tau) the more (sixth session).
+        teacher_train = IndexSubset(create_dataset('torch/fashion_mnist', root=root, split='train', is_training=True),
+                                    train_idx)
     else:
         eval_set = create_dataset('torch/fashion_mnist', root=root, split='test', is_training=False)
     return train_set, meta_set, teacher_train, eval_set
@@ -178,7 +182,8 @@ def get_teacher(args, teacher_train, eval_loader):
 
 
 def teacher_path(args):
-    return os.path.join(cache_dir('bench'), f'teacher_{args.teacher}_e{args.teacher_epochs}_s{args.teacher_steps}_b128_f{args.meta_fraction}.pth')
+    tune = '_noval' if getattr(args, 'tune', False) else ''  # --tune: trained without the validation images
+    return os.path.join(cache_dir('bench'), f'teacher_{args.teacher}_e{args.teacher_epochs}_s{args.teacher_steps}_b128_f{args.meta_fraction}{tune}.pth')
 
 
 def file_sha(path, n=8):

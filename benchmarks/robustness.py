@@ -92,7 +92,7 @@ def main(argv=None):
     import matplotlib.pyplot as plt
     from timm_mkd.plot import read_temperatures
     if a.teacher_sha is None:
-        path = teacher_path(quality_args([]))
+        path = teacher_path(quality_args(['--tune'] if a.tune else []))
         a.teacher_sha = file_sha(path) if os.path.isfile(path) else ''
     fig, axes = plt.subplots(2, len(a.studies), figsize=(5.5 * len(a.studies), 7), squeeze=False)
     for col, suffix in enumerate(a.studies):
