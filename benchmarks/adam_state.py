@@ -14,6 +14,7 @@ each relative to the KD-at-tau-1 run at the same update, and appends them to ``r
 
     python benchmarks/adam_state.py --tune --seeds 0      # ~4 minutes on 1 CPU core
 """
+import argparse
 import os
 import sys
 import tempfile
@@ -46,15 +47,12 @@ def adam_stats(optimizer):
 
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    probe_steps, every = 300, 25
-    for flag in ('--probe-steps', '--every'):
-        if flag in argv:
-            i = argv.index(flag)
-            value = int(argv[i + 1])
-            del argv[i:i + 2]
-            probe_steps, every = (value, every) if flag == '--probe-steps' else (probe_steps, value)
-    args = quality.parse_args(argv)
+    own = argparse.ArgumentParser(add_help=False)
+    own.add_argument('--probe-steps', type=int, default=300, help='updates each run goes before it stops')
+    own.add_argument('--every', type=int, default=25, help='updates between records')
+    mine, rest = own.parse_known_args(sys.argv[1:] if argv is None else argv)
+    probe_steps, every = mine.probe_steps, mine.every
+    args = quality.parse_args(rest)  # everything else is quality.py's
     torch.set_num_threads(args.threads)
     args.traj_dir = tempfile.mkdtemp()  # these short runs must not overwrite the study's trajectory files
     train_set, meta_set, teacher_train, eval_set = quality.datasets(args)

@@ -121,8 +121,7 @@ def datasets(args):
     train_full = create_dataset('torch/fashion_mnist', root=root, split='train', is_training=True)
     meta_full = create_dataset('torch/fashion_mnist', root=root, split='train', is_training=False)
     train_set, meta_set = split_holdout(train_full, meta_full, fraction=args.meta_fraction, seed=0)
-    teacher_train = IndexSubset(create_dataset('torch/fashion_mnist', root=root, split='train', is_training=True),
-                                train_set.indices)
+    teacher_idx = train_set.indices
     if args.tune:
         rng = np.random.RandomState(1234)
         idx = np.array(train_set.indices)[rng.permutation(len(train_set.indices))]
@@ -131,10 +130,11 @@ def datasets(args):
         train_set = IndexSubset(train_full, train_idx)
         # The teacher must not have seen the validation images either: a teacher that memorised them hands the
         # student their labels through its targets, and the sharper the target (lower tau) the more (sixth session).
-        teacher_train = IndexSubset(create_dataset('torch/fashion_mnist', root=root, split='train', is_training=True),
-                                    train_idx)
+        teacher_idx = train_idx
     else:
         eval_set = create_dataset('torch/fashion_mnist', root=root, split='test', is_training=False)
+    teacher_train = IndexSubset(create_dataset('torch/fashion_mnist', root=root, split='train', is_training=True),
+                                teacher_idx)
     return train_set, meta_set, teacher_train, eval_set
 
 
