@@ -62,6 +62,9 @@ def parse_args(argv=None):
     p.add_argument('--configs', nargs='+', default=None, help='e.g. none:0 kd:1 mkd:4 (default: all 7)')
     p.add_argument('--steps', type=int, default=1000, help='optimizer updates per student run')
     p.add_argument('--batch-size', type=int, default=64)
+    p.add_argument('--train-images', type=int, default=0,
+                   help='the student trains on a fixed random subset of this many images (0: all); the teacher and '
+                        'the meta set are unchanged (a small-data study: many epochs over few labels)')
     p.add_argument('--lr', type=float, default=2e-3)
     p.add_argument('--warmup', type=float, default=0.05, help='warm-up fraction of the steps')
     p.add_argument('--depth', type=int, default=4)
@@ -74,6 +77,9 @@ def parse_args(argv=None):
     p.add_argument('--teacher', default='resnet10t')
     p.add_argument('--teacher-epochs', type=int, default=1)
     p.add_argument('--teacher-steps', type=int, default=160, help='cap on teacher updates (batch 128)')
+    p.add_argument('--teacher-images', type=int, default=0,
+                   help='the teacher trains on a fixed random subset of this many of its images (0: all): with many '
+                        'epochs it overfits them and becomes overconfident (held-out calibrated tau above 1)')
     p.add_argument('--teacher-only', action='store_true', help='train / load the cached teacher and stop')
     p.add_argument('--teacher-sha', default=None,
                    help="--report: the teacher hash whose rows to tabulate (default: the cached teacher's; '' = rows "
@@ -133,8 +139,14 @@ def datasets(args):
         teacher_idx = train_idx
     else:
         eval_set = create_dataset('torch/fashion_mnist', root=root, split='test', is_training=False)
+    if getattr(args, 'teacher_images', 0):
+        keep = np.random.RandomState(5678).permutation(len(teacher_idx))[:args.teacher_images]
+        teacher_idx = sorted(np.array(teacher_idx)[keep].tolist())
     teacher_train = IndexSubset(create_dataset('torch/fashion_mnist', root=root, split='train', is_training=True),
                                 teacher_idx)
+    if getattr(args, 'train_images', 0):
+        keep = np.random.RandomState(4321).permutation(len(train_set.indices))[:args.train_images]
+        train_set = IndexSubset(train_full, sorted(np.array(train_set.indices)[keep].tolist()))
     return train_set, meta_set, teacher_train, eval_set
 
 
@@ -183,7 +195,8 @@ def get_teacher(args, teacher_train, eval_loader):
 
 def teacher_path(args):
     tune = '_noval' if getattr(args, 'tune', False) else ''  # --tune: trained without the validation images
-    return os.path.join(cache_dir('bench'), f'teacher_{args.teacher}_e{args.teacher_epochs}_s{args.teacher_steps}_b128_f{args.meta_fraction}{tune}.pth')
+    images = f'_n{args.teacher_images}' if getattr(args, 'teacher_images', 0) else ''
+    return os.path.join(cache_dir('bench'), f'teacher_{args.teacher}_e{args.teacher_epochs}_s{args.teacher_steps}_b128_f{args.meta_fraction}{images}{tune}.pth')
 
 
 def file_sha(path, n=8):
@@ -353,7 +366,9 @@ def schedule_sig(args):
     # The teacher's file hash: a teacher retrained on another machine differs (83.0% vs 83.9% top-1 seen), and
     # rows distilled from different teachers must not be paired. Rows from before the hash have none.
     sha = getattr(args, 'teacher_sha', '')
-    return (f'{net}-{args.img_size}px/{args.steps}x{args.batch_size}/lr{args.lr:g}'
+    images = f'/n{args.train_images}' if getattr(args, 'train_images', 0) else ''
+    warmup = f'/wu{args.warmup:g}' if getattr(args, 'warmup', 0.05) != 0.05 else ''
+    return (f'{net}-{args.img_size}px/{args.steps}x{args.batch_size}{images}/lr{args.lr:g}{warmup}'
             f'/{args.teacher}-s{args.teacher_steps}' + (f'-{sha}' if sha else ''))
 
 
