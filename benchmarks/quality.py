@@ -236,7 +236,12 @@ def run_student(args, method, tau, seed, teacher, train_set, meta_set, eval_load
     if method == 'kd':
         task = LogitDistillationTask(student, teacher, criterion=criterion, temperature=tau, verbose=False)
     elif method == 'mkd':
-        kw = {'tau_t': tau, 'tau_s': tau}
+        from timm_mkd.config import MKDConfig
+        kw = {'tau_t': tau}
+        # The initial tau is the student's too when the student temperature learns (or --fixed-tau-s holds it
+        # there); otherwise tau_s keeps the library's default (1: the default learns tau_t only).
+        if args.fixed_tau_s or mkd_kwargs(args).get('learn_tau_s', MKDConfig.defaults()['learn_tau_s']):
+            kw['tau_s'] = tau
         if args.meta_interval is not None:
             kw['meta_interval'] = args.meta_interval
         if args.meta_lr is not None:

@@ -36,7 +36,7 @@ def _train(task, opt, steps, offset):
 def test_round_trip_through_checkpoint_saver(tmp_path):
     task, opt = _make()
     _train(task, opt, 6, 0)
-    assert task.meta_steps == 3 and task.temperatures() != (3.0, 5.0)
+    assert task.meta_steps == 1 + 3 and task.temperatures() != (3.0, 5.0)  # the warm start, then 3
     saver = CheckpointSaver(model=task.get_trainable_module(), optimizer=opt, args=argparse.Namespace(model='small'),
                             checkpoint_dir=str(tmp_path), recovery_dir=str(tmp_path), task=task)
     saver.save_checkpoint(epoch=0, metric=1.0)

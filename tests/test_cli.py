@@ -71,7 +71,9 @@ def test_full_mkd_command_line():
     assert opts.task_kwargs() == dict(tau_t=2.0, tau_s=3.0, tau_min=1.0, tau_max=10.0, meta_interval=5, meta_lr=0.1,
                                       tie_temperatures=False, hypergrad_mode='shape', meta_loss='calibrated',
                                       estimator='neumann', warm_start_batches=2, fd_precision='float32',
-                                      fd_batch_size=8)
+                                      fd_batch_size=8, learn_tau_s=True)
+    _, teacher_only = parse('--mkd', '--teacher', 'resnet18', '--mkd-temperatures', 'teacher', '--mkd-tau-t', '4')
+    assert not teacher_only.task_kwargs()['learn_tau_s'] and teacher_only.tau_s == 1.0 and teacher_only.tau_t == 4.0
 
 
 def test_temperature_mode_flags_default_to_the_core():
@@ -80,7 +82,7 @@ def test_temperature_mode_flags_default_to_the_core():
     params = inspect.signature(MKDTask).parameters
     _, opts = parse('--mkd', '--teacher', 'resnet18')
     kw = opts.task_kwargs()
-    for key in ('tau_t', 'tau_s', 'tie_temperatures', 'hypergrad_mode', 'meta_loss', 'estimator', 'meta_interval',
+    for key in ('tau_t', 'tau_s', 'tie_temperatures', 'learn_tau_s', 'hypergrad_mode', 'meta_loss', 'estimator', 'meta_interval',
                 'meta_lr', 'warm_start_batches'):
         assert kw[key] == params[key].default, key
     with pytest.raises(SystemExit):

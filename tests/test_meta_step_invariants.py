@@ -52,7 +52,7 @@ def _run(steps: int = 2, meta_batches=None, **task_kwargs):
 @pytest.mark.parametrize('estimator', ESTIMATORS)
 def test_meta_step_changes_temperatures(estimator):
     task, _, _ = _run(estimator=estimator)
-    assert task.meta_steps == 2
+    assert task.meta_steps == 2 + (estimator == 'calibration')  # + its warm start before the first update
     assert task.temperatures() != (1.0, 1.0)
 
 
@@ -131,7 +131,8 @@ def test_non_finite_hypergradient_is_skipped_with_warning(estimator):
         xm[0, 0, 0, 0] = float('nan')
     with pytest.warns(RuntimeWarning, match='skipped'):
         task, _, _ = _run(meta_batches=[(xm, ym)], estimator=estimator)
-    assert task.meta_skipped == 2 and task.meta_steps == 2
+    n = 2 + (estimator == 'calibration')  # the warm start before the first update is skipped too (and retried)
+    assert task.meta_skipped == n and task.meta_steps == n
     assert task.temperatures() == pytest.approx((1.0, 1.0), rel=0, abs=1e-6)
     assert task.last_record['skipped'] == 1
 
@@ -143,7 +144,7 @@ def test_repeated_skips_are_reported_each_time(caplog):
     with pytest.warns(RuntimeWarning):
         task, _, _ = _run(steps=12, meta_batches=[(xm, ym)])
     logged = [r for r in caplog.records if 'skipped' in r.getMessage()]
-    assert len(logged) == 12 and task.meta_skipped == 12
+    assert len(logged) == 13 and task.meta_skipped == 13  # 12 updates + the warm start before the first
     assert logged[-1].levelname == 'ERROR' and 'frozen' in logged[-1].getMessage()
     assert task.temperatures() == pytest.approx((1.0, 1.0), rel=0, abs=1e-6)
 
@@ -158,6 +159,8 @@ def test_temperatures_stay_inside_bounds():
 
 def test_meta_interval_counts_optimizer_updates():
     task, _, _ = _run(steps=7, meta_interval=3)
+    assert task.updates == 7 and task.meta_steps == 1 + 2  # the warm start before update 1, then updates 3 and 6
+    task, _, _ = _run(steps=7, meta_interval=3, warm_start_batches=0)
     assert task.updates == 7 and task.meta_steps == 2
 
 
@@ -238,7 +241,7 @@ def test_non_finite_teacher_logits_never_reach_temperatures_or_student():
         opt.zero_grad()
         out['loss'].backward()
         opt.step()
-    assert task.meta_skipped == 0 and task.meta_steps == 3
+    assert task.meta_skipped == 0 and task.meta_steps == 1 + 3  # the warm start, then one per update
     assert all(torch.isfinite(p).all() for p in student.parameters())
     tau_t, tau_s = task.temperatures()
     assert (tau_t, tau_s) != (1.0, 1.0) and all(0.5 <= t <= 20.0 for t in (tau_t, tau_s))
@@ -246,22 +249,35 @@ def test_non_finite_teacher_logits_never_reach_temperatures_or_student():
 
 @pytest.mark.parametrize('tau', (1.0, 4.0, 8.0))
 def test_warm_start_lands_on_the_calibrated_temperature_from_any_start(tau):
-    """The calibration estimator's first meta step sets tau_t to the exact minimiser of the teacher's NLL on
-    ``warm_start_batches`` meta batches, whatever the initial value; tied tau_s keeps its ratio; the steps after it
-    follow the gradient (they move tau by at most about meta_lr in log space)."""
+    """Before the first training forward uses a temperature, the calibration estimator sets tau_t to the exact
+    minimiser of the teacher's NLL on ``warm_start_batches`` meta batches, whatever the initial value, so no update
+    trains at the initial tau_t; tau_s stays where it is (the default) or, tied, keeps its ratio. The steps after
+    it follow the gradient (they move tau by at most about meta_lr in log space)."""
     from timm_mkd.meta_step import calibrated_log_temperature
     batches = [fmnist_batches(32, offset=2000 + 32 * i) for i in range(3)]
-    task, _, _ = _run(steps=1, meta_batches=batches, tau_t=tau, tau_s=tau / 2, warm_start_batches=3, tau_min=0.1)
-    with torch.no_grad():
-        logits = torch.cat([task.teacher(x, return_features=False) for x, _ in batches])
-    expected = math.exp(float(calibrated_log_temperature(logits, torch.cat([y for _, y in batches]), 0.1, 20.0)))
-    tau_t, tau_s = task.temperatures()
-    assert tau_t == pytest.approx(expected, rel=1e-5)
-    assert tau_s == pytest.approx(expected / 2, rel=1e-5)
-    assert task.last_record['hypergrad_t'] == 0.0 and task.meta_steps == 1
+    x, y = fmnist_batches(32)
+    for learn_tau_s in (False, True):
+        torch.manual_seed(0)
+        task = MKDTask(SmallCNN(drop=0.3), SmallCNN(width=16, drop=0.0), tau_t=tau, tau_s=tau / 2,
+                       warm_start_batches=3, tau_min=0.1, meta_interval=1, meta_lr=0.1, learn_tau_s=learn_tau_s,
+                       verbose=False)
+        task.attach(torch.optim.SGD(task.trainable_module.parameters(), lr=0.05), batches)
+        records = []
+        task.add_meta_callback(records.append)
+        with torch.no_grad():
+            logits = torch.cat([task.teacher(xm, return_features=False) for xm, _ in batches])
+        expected = math.exp(float(calibrated_log_temperature(logits, torch.cat([ym for _, ym in batches]), 0.1, 20.0)))
+        out = task(x, y)  # the first training forward: the warm start runs before its loss
+        tau_t, tau_s = task.temperatures()
+        assert tau_t == pytest.approx(expected, rel=1e-5) and float(out['tau_t']) == pytest.approx(expected, rel=1e-5)
+        assert tau_s == pytest.approx(expected / 2 if learn_tau_s else tau / 2, rel=1e-5)
+        assert task.updates == 0 and task.meta_steps == 1 and len(records) == 1
+        assert records[0]['step'] == 0 and records[0]['hypergrad_t'] == 0.0
+        task(x, y)  # once only
+        assert task.meta_steps == 1 and task.temperatures()[0] == tau_t
     before = math.log(tau_t)
     task2, _, _ = _run(steps=3, meta_batches=batches, tau_t=tau, tau_s=tau / 2, warm_start_batches=3, tau_min=0.1)
-    assert abs(math.log(task2.temperatures()[0]) - before) <= 2 * 0.1 + 1e-6
+    assert task2.meta_steps == 4 and abs(math.log(task2.temperatures()[0]) - before) <= 3 * 0.1 + 1e-6
 
 
 def test_warm_start_off_walks_from_the_initial_value():

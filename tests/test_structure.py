@@ -77,11 +77,12 @@ def test_torch_and_timm_are_first_imported_by_train_py(tmp_path):
 
 def test_one_config_holds_the_defaults():
     from timm_mkd import MKDConfig, MKDTask
-    from timm_mkd.cli import CONFIG_FIELDS, MKD_DESTS
+    from timm_mkd.cli import CONFIG_FIELDS, MKD_DESTS, temperature_mode
     import inspect
     defaults = MKDConfig.defaults()
     for dest, name in CONFIG_FIELDS.items():
-        expected = {True: 'tied', False: 'free'}[defaults[name]] if name == 'tie_temperatures' else defaults[name]
+        expected = temperature_mode(defaults[name], defaults['learn_tau_s']) if name == 'tie_temperatures' \
+            else defaults[name]
         assert MKD_DESTS[dest] == expected, dest
     params = inspect.signature(MKDTask).parameters
     assert {name: params[name].default for name in defaults} == defaults
@@ -129,7 +130,7 @@ def test_a_new_estimator_needs_no_change_to_task_or_controller():
     torch.manual_seed(0)
     estimator = _ConstantEstimator()
     task = MKDTask(SmallCNN(), SmallCNN(width=16), verbose=False, tau_t=4.0, tau_s=2.0, meta_interval=1,
-                   meta_optimizer='sgd', meta_lr=0.1, hypergradient=estimator)
+                   learn_tau_s=True, meta_optimizer='sgd', meta_lr=0.1, hypergradient=estimator)
     opt = torch.optim.SGD(task.trainable_module.parameters(), lr=0.01)
     task.attach(opt, [fmnist_batches(16, offset=500)])
     x, y = fmnist_batches(16)

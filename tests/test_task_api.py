@@ -63,7 +63,7 @@ def test_compiled_student_with_meta_step():
     task.attach(opt, [fmnist_batches(16, offset=100)])
     x, y = fmnist_batches(16)
     _train(task, opt, x, y, steps=2)
-    assert task.meta_steps == 2 and task.meta_skipped == 0 and task.temperatures() != (1.0, 1.0)
+    assert task.meta_steps == 1 + 2 and task.meta_skipped == 0 and task.temperatures() != (1.0, 1.0)
 
 
 def test_ema_tracks_student_only():
@@ -89,19 +89,19 @@ def test_to_and_dtype_moves_keep_working():
     task.attach(opt, [fmnist_batches(16, offset=100)])
     x, y = fmnist_batches(16)
     _train(task, opt, x, y)
-    assert task.meta_steps == 1 and task.temperatures() != (1.0, 1.0)
+    assert task.meta_steps == 1 + 1 and task.temperatures() != (1.0, 1.0)  # the warm start, then update 1
 
 
 def test_tied_temperatures_keep_their_ratio_and_move():
     import math
     import pytest
-    task = _task(tau_t=3.0, tau_s=2.0, tie_temperatures=True, meta_interval=1, meta_lr=0.1)
+    task = _task(tau_t=3.0, tau_s=2.0, tie_temperatures=True, learn_tau_s=True, meta_interval=1, meta_lr=0.1)
     opt = torch.optim.SGD(task.trainable_module.parameters(), lr=0.1)
     x, y = fmnist_batches(16)
     task.attach(opt, [fmnist_batches(16, offset=500)])
     _train(task, opt, x, y, steps=3)
     tau_t, tau_s = task.temperatures()
-    assert task.meta_steps == 3 and tau_t != 3.0
+    assert task.meta_steps == 1 + 3 and tau_t != 3.0  # the warm start, then one per update
     assert math.isclose(tau_t / tau_s, 1.5, rel_tol=1e-5)
     # With one temperature fixed there is nothing to tie: the learned one moves alone.
     task = _task(tau_t=3.0, tau_s=2.0, learn_tau_s=False, meta_interval=1, meta_lr=0.1)
@@ -120,7 +120,7 @@ def test_tied_temperatures_keep_their_ratio_at_the_bounds():
     import math
     from timm_mkd.config import MKDConfig
     from timm_mkd.temperature import Temperatures
-    tau = Temperatures(MKDConfig(tau_t=3.0, tau_s=2.0, tau_max=20.0, tau_min=0.5))
+    tau = Temperatures(MKDConfig(tau_t=3.0, tau_s=2.0, tau_max=20.0, tau_min=0.5, learn_tau_s=True))
     tau.jump_to(torch.tensor(math.log(30.0)))
     tau_t, tau_s = tau.values()
     assert math.isclose(tau_t, 20.0, rel_tol=1e-5) and math.isclose(tau_t / tau_s, 1.5, rel_tol=1e-5)

@@ -69,9 +69,9 @@ def _train(task, optimizer, updates, accum=1, offset=0):
 @needs(timm.utils, 'load_checkpoint_metadata')
 def test_milestone_checkpoint_carries_mkd_state_and_resumes(tmp_path):
     task, optimizer = _task(ema=True)
-    _train(task, optimizer, updates=5)  # meta steps at updates 2 and 4
+    _train(task, optimizer, updates=5)  # the warm start before update 1, meta steps at updates 2 and 4
     state = task.get_checkpoint_state()
-    assert 'mkd' in state['task_state'] and state['task_state']['mkd']['meta_steps'] == 2
+    assert 'mkd' in state['task_state'] and state['task_state']['mkd']['meta_steps'] == 3
     assert not any(k.startswith(('teacher', 'tau')) for k in state['state_dict'])
     ema_state = task.get_checkpoint_state(ema=True)
     assert set(ema_state) == {'state_dict_ema'}  # the temperatures belong to the training state only
@@ -88,7 +88,7 @@ def test_milestone_checkpoint_carries_mkd_state_and_resumes(tmp_path):
     resume_task_checkpoint(fresh, milestone, optimizer=fresh_optimizer, log_info=False)
     timm.task.load_task_ema_checkpoint(fresh, milestone)
     assert fresh.temperatures() == task.temperatures() and fresh.temperatures() != (1.0, 1.0)
-    assert (fresh.updates, fresh.meta_steps) == (5, 2)
+    assert (fresh.updates, fresh.meta_steps) == (5, 3)
     for a, b in zip(fresh.get_trainable_module(ema=True).state_dict().values(),
                     task.get_trainable_module(ema=True).state_dict().values()):
         assert torch.equal(a, b)
@@ -96,7 +96,7 @@ def test_milestone_checkpoint_carries_mkd_state_and_resumes(tmp_path):
     for t, opt in ((task, optimizer), (fresh, fresh_optimizer)):
         torch.manual_seed(7)  # the same dropout masks
         _train(t, opt, updates=1, offset=4000)
-    assert fresh.meta_steps == task.meta_steps == 3
+    assert fresh.meta_steps == task.meta_steps == 4
     assert fresh.temperatures() == pytest.approx(task.temperatures(), rel=1e-6)
 
 
@@ -122,7 +122,7 @@ def test_no_sync_with_gradient_accumulation(one_process_group):
         assert ddp.require_backward_grad_sync is False
     assert ddp.require_backward_grad_sync is True
     _train(task, optimizer, updates=4, accum=3)  # 12 micro-batches, 4 updates
-    assert (task.updates, task.meta_steps, task.meta_skipped) == (4, 2, 0)
+    assert (task.updates, task.meta_steps, task.meta_skipped) == (4, 1 + 2, 0)
     assert task.temperatures() != (1.0, 1.0)
 
 

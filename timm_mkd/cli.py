@@ -28,8 +28,16 @@ __all__ = ['MKD_DESTS', 'MKDArgumentError', 'MetaDataSpec', 'MKDOptions', 'add_m
 
 #: Default of ``--mkd-meta-data``: hold out 5% of the training split (a run option, not an MKDConfig one).
 DEFAULT_META_DATA = '0.05'
-_TIED = {True: 'tied', False: 'free'}
 _DEFAULTS = MKDConfig.defaults()
+#: ``--mkd-temperatures`` -> (``tie_temperatures``, ``learn_tau_s``); ``teacher`` keeps the core's tying default
+#: (tying needs both temperatures learnable, so it has no effect there).
+TEMPERATURE_MODES = {'tied': (True, True), 'free': (False, True), 'teacher': (_DEFAULTS['tie_temperatures'], False)}
+
+
+def temperature_mode(tie_temperatures: bool, learn_tau_s: bool) -> str:
+    """The ``--mkd-temperatures`` value of these two ``MKDConfig`` fields."""
+    return 'teacher' if not learn_tau_s else ('tied' if tie_temperatures else 'free')
+
 
 #: ``--mkd-*`` dest -> the MKDConfig field it sets.
 CONFIG_FIELDS = {
@@ -43,7 +51,7 @@ CONFIG_FIELDS = {
 MKD_DESTS: Dict[str, Any] = {
     'mkd': False, 'teacher': None, 'teacher_checkpoint': None,
     **{dest: _DEFAULTS[name] for dest, name in CONFIG_FIELDS.items()},
-    'mkd_temperatures': _TIED[_DEFAULTS['tie_temperatures']],
+    'mkd_temperatures': temperature_mode(_DEFAULTS['tie_temperatures'], _DEFAULTS['learn_tau_s']),
     'mkd_meta_data': DEFAULT_META_DATA, 'mkd_meta_batch_size': None,
 }
 
@@ -66,7 +74,9 @@ _FLAGS = {
     'mkd_meta_interval': (dict(type=int, metavar='N'), 'Take a meta step every N optimizer updates'),
     'mkd_meta_lr': (dict(type=float, metavar='LR'),
                     'Learning rate of the Adam meta optimizer on the log-temperatures'),
-    'mkd_temperatures': (dict(choices=tuple(_TIED.values())),
+    'mkd_temperatures': (dict(choices=tuple(TEMPERATURE_MODES)),
+                         'teacher: only tau_t is learned, the student temperature stays at --mkd-tau-s, so the '
+                         'student matches the teacher\'s calibrated distribution at the temperature it predicts with; '
                          'tied: one meta step moves both log-temperatures together, so tau_t / tau_s keeps its '
                          'initial value; free: each moves on its own (the one-step meta-gradient then drives tau_s '
                          'above tau_t, which costs accuracy in benchmarks/results)'),
@@ -208,7 +218,8 @@ class MKDOptions:
 
     def task_kwargs(self) -> Dict[str, Any]:
         """The ``MKDTask`` keyword arguments the flags set."""
-        return {name: getattr(self.config, name) for name in CONFIG_FIELDS.values()}
+        return {**{name: getattr(self.config, name) for name in CONFIG_FIELDS.values()},
+                'learn_tau_s': self.config.learn_tau_s}
 
 
 def mkd_flags_in_use(args: argparse.Namespace) -> Sequence[str]:
@@ -219,7 +230,7 @@ def mkd_flags_in_use(args: argparse.Namespace) -> Sequence[str]:
 
 def _config_from(args: argparse.Namespace) -> MKDConfig:
     values = {name: getattr(args, dest) for dest, name in CONFIG_FIELDS.items()}
-    values['tie_temperatures'] = args.mkd_temperatures == _TIED[True]
+    values['tie_temperatures'], values['learn_tau_s'] = TEMPERATURE_MODES[args.mkd_temperatures]
     try:
         return MKDConfig(**values)
     except MKDConfigError as e:

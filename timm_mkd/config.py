@@ -38,7 +38,8 @@ class MKDConfig:
         tau_min: lower bound of both temperatures (> 0).
         tau_max: upper bound of both temperatures (> tau_min).
         learn_tau_t: let the meta step move ``tau_t``.
-        learn_tau_s: let the meta step move ``tau_s``.
+        learn_tau_s: let the meta step move ``tau_s``. Off by default: the student keeps ``tau_s`` (1), so it
+            matches the teacher's calibrated distribution at the temperature it predicts with.
         tie_temperatures: move both log-temperatures by the same amount (ignored when one is fixed).
         meta_interval: optimizer updates between meta steps (>= 1).
         meta_lr: learning rate of the meta optimizer on the log-temperatures.
@@ -53,7 +54,8 @@ class MKDConfig:
         hypergrad_mode: ``'full'`` or ``'shape'`` (look-ahead estimators).
         meta_loss: ``'calibrated'`` or ``'ce'`` (look-ahead estimators).
         estimator: ``'calibration'``, ``'lookahead'`` or ``'neumann'``.
-        warm_start_batches: ``'calibration'`` only: meta batches the first meta step solves on (0: off).
+        warm_start_batches: ``'calibration'`` only: meta batches the warm start solves on (0: off). With held-out
+            meta data it runs before the first update, so no update trains at the initial ``tau_t``.
         neumann_terms: Hessian-vector products of the ``'neumann'`` estimator.
         neumann_scale: step of the Neumann series relative to the look-ahead Jacobian.
 
@@ -65,10 +67,10 @@ class MKDConfig:
     tau_min: float = 0.5
     tau_max: float = 20.0
     learn_tau_t: bool = True
-    learn_tau_s: bool = True
+    learn_tau_s: bool = False
     tie_temperatures: bool = True
     meta_interval: int = 10
-    meta_lr: float = 0.1
+    meta_lr: float = 0.02
     meta_optimizer: str = 'adam'
     fd_eps: float = 1e-2
     fd_precision: str = 'auto'
@@ -123,6 +125,14 @@ class MKDConfig:
     def tied(self) -> bool:
         """Whether the meta step ties the temperatures (needs both learnable)."""
         return self.tie_temperatures and self.learn_tau_t and self.learn_tau_s
+
+    @property
+    def learned_description(self) -> str:
+        """Which temperatures the meta step moves, in words (for logs)."""
+        if self.tied:
+            return 'tau_t and tau_s, tied'
+        learned = [name for name, on in (('tau_t', self.learn_tau_t), ('tau_s', self.learn_tau_s)) if on]
+        return ' and '.join(learned) + (', free' if len(learned) == 2 else '') if learned else 'none'
 
     @classmethod
     def field_names(cls) -> Tuple[str, ...]:

@@ -183,6 +183,22 @@ class MetaController:
         meta_input, meta_target = self.batches.next(self.last_batch)
         warm_start = self.warm_start_due
         hyper = self._warm_start(meta_input, meta_target) if warm_start else self.hypergradient(meta_input, meta_target)
+        return self._apply(hyper, warm_start)
+
+    def warm_start_before_training(self) -> Optional[Dict[str, float]]:
+        """The warm start before the first update, so that no update trains at the initial temperature.
+
+        Runs once, from the first training forward, when the estimator has a warm start, the meta batches are
+        held out (the training stream has no batch yet) and nothing has been trained (a resumed run has); it counts
+        as the first meta step. Returns its record, or None when it did not run.
+        """
+        if self.updates or not self.hooks or self.batches.train_stream or not self.warm_start_due:
+            return None
+        meta_input, meta_target = self.batches.next(self.last_batch)
+        return self._apply(self._warm_start(meta_input, meta_target), warm_start=True)
+
+    def _apply(self, hyper, warm_start: bool) -> Dict[str, float]:
+        """Average ``hyper`` over ranks, skip it if non-finite, else jump (warm start) or step; report."""
         stats = torch.cat([hyper.grad.detach().to(torch.float64).reshape(2),
                            torch.tensor([hyper.meta_loss], dtype=torch.float64, device=hyper.grad.device)])
         stats = average_across_ranks(stats)
@@ -194,7 +210,7 @@ class MetaController:
                 before = self.tau.values()[0]
                 self.tau.jump_to(grad[0])
                 grad = torch.zeros_like(grad)  # the record's hypergradient: none was followed
-                _logger.info(f"MKD warm start (update {self.updates}): tau_t {before:.4f} -> {self.tau.values()[0]:.4f}, "
+                _logger.info(f"MKD warm start (after update {self.updates}): tau_t {before:.4f} -> {self.tau.values()[0]:.4f}, "
                              f"the teacher's calibrated temperature on the first meta batches (NLL {meta_loss:.4f})")
             else:
                 self.tau.step(grad)

@@ -168,8 +168,8 @@ class MKDTask(_MetaStepAPI, LogitDistillationTask):
             _logger.info(
                 f"MKDTask: tau_t={config.tau_t}, tau_s={config.tau_s} in [{config.tau_min}, {config.tau_max}], "
                 f"meta_interval={config.meta_interval}, meta_lr={config.meta_lr} ({config.meta_optimizer}), "
-                f"{'tied' if config.tied else 'free'} temperatures, {config.hypergrad_mode} hypergradient, "
-                f"{config.meta_loss} meta loss, task_weight={self.task_loss_weight}, "
+                f"learned: {config.learned_description}, {config.estimator} estimator, "
+                f"task_weight={self.task_loss_weight}, "
                 f"distill_weight={self.distill_loss_weight}")
 
     # ------------------------------------------------------------------ timm task API
@@ -227,6 +227,8 @@ class MKDTask(_MetaStepAPI, LogitDistillationTask):
             Dict with ``loss``, ``output`` (student logits), ``task_loss``, ``kd_loss``, ``tau_t``, ``tau_s``.
         """
         remember = self.trainable_module.training and torch.is_grad_enabled()
+        if remember:
+            self.meta.warm_start_before_training()  # once, before anything trains at the initial temperature
         # Only a look-ahead meta step after this update replays the forward's random masks.
         rng_state = capture_rng_state(input.device) if remember and self.meta.lookahead_due else None
         student_logits = self.trainable_module(input)
