@@ -349,7 +349,7 @@ def test_yaml_config_sets_mkd_flags(train_py, data_root, workdir, teacher_ckpt):
     assert 'MKDTask: tau_t=2.0, tau_s=3.0' in result.log and 'meta_interval=3' in result.log
     outdir = workdir / 'out' / 'yaml'
     assert_mkd_summary(outdir, epochs=1)
-    assert len(read_csv(outdir / 'temperatures.csv')) == 11 // 3
+    assert len(read_csv(outdir / 'temperatures.csv')) == 1 + 11 // 3  # the warm start before update 1, then every 3
     text = (outdir / 'args.yaml').read_text()
     assert 'mkd_tau_t: 2.0' in text and 'kd_model_name: resnet18' in text
 
@@ -379,7 +379,7 @@ def test_deit_recipe_through_a_config_file(train_py, data_root, workdir, teacher
 @pytest.mark.parametrize('name, extra, check', [
     ('amp_bf16', ['--amp', '--amp-dtype', 'bfloat16'], 'Using native Torch AMP'),
     ('ema', ['--model-ema', '--model-ema-decay', '0.9'], 'Test (EMA)'),
-    ('accum', ['--grad-accum-steps', '2'], 'meta_steps=3 '),  # 11 batches -> 6 updates -> 3 meta steps
+    ('accum', ['--grad-accum-steps', '2'], 'meta_steps=4 '),  # 11 batches -> 6 updates -> warm start + 3 meta steps
 ])
 def test_train_py_features_with_mkd(train_py, data_root, workdir, teacher_ckpt, name, extra, check):
     result = ok(run_mkd(train_py, base_args(data_root, workdir / 'out', name) + mkd_flags(teacher_ckpt) + extra,
@@ -400,7 +400,7 @@ def test_meta_data_sources(train_py, data_root, workdir, teacher_ckpt, name, met
     assert expect in result.log
     assert_mkd_summary(workdir / 'out' / name, epochs=1)
     if name != 'meta_train':  # no held-out fraction: all 400 training images train
-        assert len(read_csv(workdir / 'out' / name / 'temperatures.csv')) == 12 // 2
+        assert len(read_csv(workdir / 'out' / name / 'temperatures.csv')) == 1 + 12 // 2  # + the warm start
 
 
 DEIT = ['--model', 'deit_tiny_distilled_patch16_224', '--model-kwargs', 'img_size=32', 'patch_size=8', 'depth=1',

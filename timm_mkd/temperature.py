@@ -82,10 +82,15 @@ class Temperatures(nn.Module):
         self.project_()
 
     def jump_to(self, log_tau_t: torch.Tensor) -> None:
-        """Set ``log tau_t`` (``tau_s`` keeps its ratio to it when tied), then project onto the bounds."""
+        """Set ``log tau_t`` (``tau_s`` keeps its ratio to it when tied), then project onto the bounds.
+
+        ``log tau_t`` is copied, not reached by adding a difference, so the result is bit-identical whatever the
+        value before (a warm start from tau 4 and one from tau 1 then train identically).
+        """
         with torch.no_grad():
-            delta = log_tau_t.to(self.log_tau_t) - self.log_tau_t
-            self.log_tau_t.add_(delta)
+            target = log_tau_t.to(self.log_tau_t)
+            delta = target - self.log_tau_t
+            self.log_tau_t.copy_(target)
             if self.tied:
                 self.log_tau_s.add_(delta.to(self.log_tau_s))
         self.project_()
