@@ -44,11 +44,12 @@ def _traj_files(traj_dir, rows):
     """Trajectory CSVs of the selected MKD rows (file names carry tau, N, lr and the variant)."""
     if not os.path.isdir(traj_dir):
         return []
-    wanted = {(float(r['tau']), r['meta_interval'], int(r['seed'])) for r in rows}
+    wanted = {(float(r['tau']), r['meta_interval'], float(r['meta_lr']), int(r['seed'])) for r in rows}
     out = []
     for name in sorted(os.listdir(traj_dir)):
-        m = re.match(r'mkd_tau([0-9.]+)_N([0-9]+)_lr[^_]+(.*)_seed(\d+)\.csv$', name)
-        if m and (float(m.group(1)), m.group(2), int(m.group(4))) in wanted and _variant_in_name(rows, m.group(3)):
+        m = re.match(r'mkd_tau([0-9.]+)_N([0-9]+)_lr([^_]+)(.*)_seed(\d+)\.csv$', name)
+        if m and (float(m.group(1)), m.group(2), float(m.group(3)), int(m.group(5))) in wanted \
+                and _variant_in_name(rows, m.group(4)):
             out.append((float(m.group(1)), os.path.join(traj_dir, name)))
     return out
 
@@ -129,7 +130,7 @@ def main(argv=None):
         ax.set_yticks([0.5, 1, 2, 4, 8, 16])
         ax.set_yticklabels(['0.5', '1', '2', '4', '8', '16'])
         ax.set_xlabel('optimizer update')
-        ax.set_ylabel('MKD temperature (tied)')
+        ax.set_ylabel('MKD teacher temperature tau_t')
         ax.grid(alpha=0.3)
         if taus:
             ax.legend(fontsize=7)

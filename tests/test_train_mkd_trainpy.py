@@ -256,9 +256,10 @@ def test_mkd_run_strong_augmentation(mkd_run, teacher_ckpt):
     assert 'MKD epoch 1: tau_t=' in result.log
 
     steps = read_csv(outdir / 'temperatures.csv')
-    # 360 training images, batch 32, drop_last: 11 updates per epoch, a meta step every 2
-    assert [int(r['step']) for r in steps] == list(range(2, 23, 2))
-    assert [int(r['epoch']) for r in steps] == [0] * 5 + [1] * 6
+    # 360 training images, batch 32, drop_last: 11 updates per epoch; the warm start before update 1, then a meta
+    # step every 2
+    assert [int(r['step']) for r in steps] == [0] + list(range(2, 23, 2))
+    assert [int(r['epoch']) for r in steps] == [0] * 6 + [1] * 6
     assert float(steps[-1]['tau_t']) == pytest.approx(tau_t, rel=1e-6)
     assert float(steps[-1]['tau_s']) == pytest.approx(tau_s, rel=1e-6)
     print(f'MKD run ended at tau_t={tau_t:.4f} tau_s={tau_s:.4f}')
