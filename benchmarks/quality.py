@@ -270,7 +270,8 @@ def run_student(args, method, tau, seed, teacher, train_set, meta_set, eval_load
         if os.path.exists(tpath):
             os.remove(tpath)
         log = TemperatureLog(tpath)
-        log.record({'step': 0, 'tau_t': tau, 'tau_s': tau})
+        start_t, start_s = task.temperatures()
+        log.record({'step': 0, 'tau_t': start_t, 'tau_s': start_s})
         task.add_meta_callback(log.record)
     if task is not None:
         task.train()
