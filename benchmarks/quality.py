@@ -47,6 +47,7 @@ from common import (MEAN, STD, accuracy, cache_dir, cnn_student, evaluate, fashi
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, 'results')
+DEFAULT_WARMUP = 0.05  # warm-up fraction; schedules name any other value
 FIELDS = ['method', 'tau', 'seed', 'top1', 'tau_t_final', 'tau_s_final', 'meta_steps', 'meta_skipped', 'steps',
           'batch_size', 'wall_s', 'eval_split', 'meta_interval', 'meta_lr', 'schedule', 'variant', 'nll',
           'nll_calibrated']
@@ -66,7 +67,7 @@ def parse_args(argv=None):
                    help='the student trains on a fixed random subset of this many images (0: all); the teacher and '
                         'the meta set are unchanged (a small-data study: many epochs over few labels)')
     p.add_argument('--lr', type=float, default=2e-3)
-    p.add_argument('--warmup', type=float, default=0.05, help='warm-up fraction of the steps')
+    p.add_argument('--warmup', type=float, default=DEFAULT_WARMUP, help='warm-up fraction of the steps')
     p.add_argument('--depth', type=int, default=4)
     p.add_argument('--dim', type=int, default=64)
     p.add_argument('--img-size', type=int, default=28)
@@ -140,14 +141,18 @@ def datasets(args):
     else:
         eval_set = create_dataset('torch/fashion_mnist', root=root, split='test', is_training=False)
     if getattr(args, 'teacher_images', 0):
-        keep = np.random.RandomState(5678).permutation(len(teacher_idx))[:args.teacher_images]
-        teacher_idx = sorted(np.array(teacher_idx)[keep].tolist())
+        teacher_idx = fixed_subset(teacher_idx, args.teacher_images, seed=5678)
     teacher_train = IndexSubset(create_dataset('torch/fashion_mnist', root=root, split='train', is_training=True),
                                 teacher_idx)
     if getattr(args, 'train_images', 0):
-        keep = np.random.RandomState(4321).permutation(len(train_set.indices))[:args.train_images]
-        train_set = IndexSubset(train_full, sorted(np.array(train_set.indices)[keep].tolist()))
+        train_set = IndexSubset(train_full, fixed_subset(train_set.indices, args.train_images, seed=4321))
     return train_set, meta_set, teacher_train, eval_set
+
+
+def fixed_subset(indices, n, seed):
+    """``n`` of ``indices``, drawn by a fixed seed, sorted (the same subset on every machine and run)."""
+    keep = np.random.RandomState(seed).permutation(len(indices))[:n]
+    return sorted(np.array(indices)[keep].tolist())
 
 
 # ----------------------------------------------------------------------------------- teacher
@@ -237,10 +242,10 @@ def run_student(args, method, tau, seed, teacher, train_set, meta_set, eval_load
         task = LogitDistillationTask(student, teacher, criterion=criterion, temperature=tau, verbose=False)
     elif method == 'mkd':
         from timm_mkd.config import MKDConfig
-        kw = {'tau_t': tau}
+        kw, overrides = {'tau_t': tau}, mkd_kwargs(args)
         # The initial tau is the student's too when the student temperature learns (or --fixed-tau-s holds it
         # there); otherwise tau_s keeps the library's default (1: the default learns tau_t only).
-        if args.fixed_tau_s or mkd_kwargs(args).get('learn_tau_s', MKDConfig.defaults()['learn_tau_s']):
+        if args.fixed_tau_s or overrides.get('learn_tau_s', MKDConfig.defaults()['learn_tau_s']):
             kw['tau_s'] = tau
         if args.meta_interval is not None:
             kw['meta_interval'] = args.meta_interval
@@ -248,7 +253,7 @@ def run_student(args, method, tau, seed, teacher, train_set, meta_set, eval_load
             kw['meta_lr'] = args.meta_lr
         if args.fixed_tau_s:
             kw['learn_tau_s'] = False
-        kw.update(mkd_kwargs(args))
+        kw.update(overrides)
         task = MKDTask(student, teacher, criterion=criterion, student_mean=MEAN,
                        student_std=STD, verbose=False, **kw)
         if args.meta_aug:
@@ -373,7 +378,7 @@ def schedule_sig(args):
     # rows distilled from different teachers must not be paired. Rows from before the hash have none.
     sha = getattr(args, 'teacher_sha', '')
     images = f'/n{args.train_images}' if getattr(args, 'train_images', 0) else ''
-    warmup = f'/wu{args.warmup:g}' if getattr(args, 'warmup', 0.05) != 0.05 else ''
+    warmup = f'/wu{args.warmup:g}' if getattr(args, 'warmup', DEFAULT_WARMUP) != DEFAULT_WARMUP else ''
     return (f'{net}-{args.img_size}px/{args.steps}x{args.batch_size}{images}/lr{args.lr:g}{warmup}'
             f'/{args.teacher}-s{args.teacher_steps}' + (f'-{sha}' if sha else ''))
 
