@@ -48,6 +48,11 @@ from common import (MEAN, STD, accuracy, cache_dir, cnn_student, evaluate, fashi
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, 'results')
 DEFAULT_WARMUP = 0.05  # warm-up fraction; schedules name any other value
+# Student training augmentation: RandAugment policy (None: none), mixup alpha, cutmix alpha, label smoothing.
+# 'strong' is the study's recipe; schedules name any other.
+AUGS = {'strong': ('rand-m9-mstd0.5', 0.8, 1.0, 0.1), 'ra': ('rand-m9-mstd0.5', 0.0, 0.0, 0.1),
+        'basic': (None, 0.0, 0.0, 0.1)}
+DEFAULT_AUG = 'strong'
 FIELDS = ['method', 'tau', 'seed', 'top1', 'tau_t_final', 'tau_s_final', 'meta_steps', 'meta_skipped', 'steps',
           'batch_size', 'wall_s', 'eval_split', 'meta_interval', 'meta_lr', 'schedule', 'variant', 'nll',
           'nll_calibrated']
@@ -68,6 +73,9 @@ def parse_args(argv=None):
                         'the meta set are unchanged (a small-data study: many epochs over few labels)')
     p.add_argument('--lr', type=float, default=2e-3)
     p.add_argument('--warmup', type=float, default=DEFAULT_WARMUP, help='warm-up fraction of the steps')
+    p.add_argument('--aug', choices=sorted(AUGS), default=DEFAULT_AUG,
+                   help="student augmentation: 'strong' RandAugment m9 + mixup 0.8 + cutmix 1.0, 'ra' RandAugment "
+                        "only, 'basic' crop/flip only (label smoothing 0.1 in all)")
     p.add_argument('--depth', type=int, default=4)
     p.add_argument('--dim', type=int, default=64)
     p.add_argument('--img-size', type=int, default=28)
@@ -281,9 +289,12 @@ def run_student(args, method, tau, seed, teacher, train_set, meta_set, eval_load
     if task is not None:
         task.train()
     student.train()
-    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=10)
+    aa, mix_alpha, cut_alpha, smoothing = AUGS[getattr(args, 'aug', DEFAULT_AUG)]
+    # Without mixup and cutmix the same Mixup object gives the smoothed one-hot targets (it never mixes).
+    mixup = Mixup(mixup_alpha=mix_alpha or 0.8, cutmix_alpha=cut_alpha or 1.0, label_smoothing=smoothing,
+                  prob=1.0 if mix_alpha or cut_alpha else 0.0, num_classes=10)
     torch.manual_seed(seed)  # the loader's base seed (augmentation, order): identical across methods
-    loader = make_loader(train_set, args.batch_size, training=True, img_size=args.img_size, aa='rand-m9-mstd0.5')
+    loader = make_loader(train_set, args.batch_size, training=True, img_size=args.img_size, aa=aa)
     t0 = time.time()
     step = 0
     losses = []
@@ -379,7 +390,8 @@ def schedule_sig(args):
     sha = getattr(args, 'teacher_sha', '')
     images = f'/n{args.train_images}' if getattr(args, 'train_images', 0) else ''
     warmup = f'/wu{args.warmup:g}' if getattr(args, 'warmup', DEFAULT_WARMUP) != DEFAULT_WARMUP else ''
-    return (f'{net}-{args.img_size}px/{args.steps}x{args.batch_size}{images}/lr{args.lr:g}{warmup}'
+    aug = f'/aug-{args.aug}' if getattr(args, 'aug', DEFAULT_AUG) != DEFAULT_AUG else ''
+    return (f'{net}-{args.img_size}px/{args.steps}x{args.batch_size}{images}/lr{args.lr:g}{warmup}{aug}'
             f'/{args.teacher}-s{args.teacher_steps}' + (f'-{sha}' if sha else ''))
 
 
