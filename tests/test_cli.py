@@ -62,7 +62,7 @@ def test_full_mkd_command_line():
         '--mkd-tau-max', '10', '--mkd-meta-interval', '5', '--mkd-meta-lr', '0.1', '--mkd-meta-data', '0.2',
         '--mkd-meta-batch-size', '16', '--mkd-temperatures', 'free', '--mkd-hypergrad', 'shape',
         '--mkd-meta-loss', 'calibrated', '--mkd-estimator', 'neumann', '--mkd-warm-start', '2', '--mkd-fd-precision', 'float32',
-        '--mkd-fd-batch-size', '8', '-b', '64')
+        '--mkd-fd-batch-size', '8', '--mkd-calibration-smoothing', '0.1', '-b', '64')
     assert opts.mkd and opts.teacher == 'resnet18'
     assert args.kd_model_name == 'resnet18'  # --teacher switches train.py into distillation
     assert (opts.tau_t, opts.tau_s, opts.tau_min, opts.tau_max) == (2.0, 3.0, 1.0, 10.0)
@@ -71,7 +71,7 @@ def test_full_mkd_command_line():
     assert opts.task_kwargs() == dict(tau_t=2.0, tau_s=3.0, tau_min=1.0, tau_max=10.0, meta_interval=5, meta_lr=0.1,
                                       tie_temperatures=False, hypergrad_mode='shape', meta_loss='calibrated',
                                       estimator='neumann', warm_start_batches=2, fd_precision='float32',
-                                      fd_batch_size=8, learn_tau_s=True)
+                                      fd_batch_size=8, calibration_smoothing=0.1, learn_tau_s=True)
     _, teacher_only = parse('--mkd', '--teacher', 'resnet18', '--mkd-temperatures', 'teacher', '--mkd-tau-t', '4')
     assert not teacher_only.task_kwargs()['learn_tau_s'] and teacher_only.tau_s == 1.0 and teacher_only.tau_t == 4.0
 
@@ -83,7 +83,7 @@ def test_temperature_mode_flags_default_to_the_core():
     _, opts = parse('--mkd', '--teacher', 'resnet18')
     kw = opts.task_kwargs()
     for key in ('tau_t', 'tau_s', 'tie_temperatures', 'learn_tau_s', 'hypergrad_mode', 'meta_loss', 'estimator', 'meta_interval',
-                'meta_lr', 'warm_start_batches'):
+                'meta_lr', 'warm_start_batches', 'calibration_smoothing'):
         assert kw[key] == params[key].default, key
     with pytest.raises(SystemExit):
         parse('--mkd', '--teacher', 'resnet18', '--mkd-temperatures', 'loose')

@@ -259,6 +259,42 @@ def test_calibrated_log_temperature_solves_what_the_calibration_gradient_follows
     assert math.isnan(float(calibrated_log_temperature(z_bad[:5], ym[:5], 0.25, 8.0)))
 
 
+def test_calibration_smoothing_calibrates_against_the_smoothed_labels():
+    """With ``calibration_smoothing`` the estimator's warm start and its gradient's zero are the grid minimum of the
+    teacher's NLL against ``(1 - e) one_hot + e / C``; soft meta targets are used as they are; e = 0 is the hard
+    labels' answer."""
+    from timm_mkd.config import MKDConfig
+    from timm_mkd.estimators import CalibrationEstimator
+    from timm_mkd.meta_step import calibration_hypergradient
+    torch.manual_seed(0)
+    teacher = SmallCNN(width=16, drop=0.0).double().eval()
+    opt = torch.optim.AdamW(teacher.parameters(), lr=3e-3)
+    x, y = fmnist_batches(256, dtype=torch.float64)
+    for _ in range(30):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(teacher.train()(x), y).backward()
+        opt.step()
+    xm, ym = fmnist_batches(256, offset=3000, dtype=torch.float64)
+    with torch.no_grad():
+        z = teacher.eval()(xm)
+    smoothed = torch.nn.functional.one_hot(ym, 10).double() * 0.9 + 0.01
+    grid = torch.linspace(math.log(0.25), math.log(8.0), 6001, dtype=torch.float64)
+    nll = torch.stack([-(smoothed * torch.log_softmax(z / t.exp(), -1)).sum(-1).mean() for t in grid])
+    best = float(grid[nll.argmin()])
+    est = CalibrationEstimator(MKDConfig(calibration_smoothing=0.1))
+    solved = float(est.solve(z, ym, 0.25, 8.0).grad[0])
+    hard = float(CalibrationEstimator(MKDConfig()).solve(z, ym, 0.25, 8.0).grad[0])
+    print('smoothed grid', best, 'solved', solved, 'hard', hard)
+    assert abs(solved - best) < 2 * float(grid[1] - grid[0])
+    assert solved > hard + 0.05  # softer labels, softer calibrated teacher
+    g = calibration_hypergradient(z, est.targets(ym, z), (torch.tensor(solved), torch.tensor(0.0))).grad
+    assert abs(float(g[0])) < 1e-6
+    soft = torch.nn.functional.one_hot(ym, 10).double()
+    assert float(est.solve(z, soft, 0.25, 8.0).grad[0]) == pytest.approx(hard, abs=1e-9)
+    with pytest.raises(ValueError, match='calibration_smoothing=1.0'):
+        MKDConfig(calibration_smoothing=1.0)
+
+
 def test_calibration_step_under_bf16_autocast_matches_float32():
     """The default meta step under AMP: the teacher's meta-batch forward runs in the training precision
     (``meta_autocast``); its hypergradient and its warm-start temperature stay within 5% of float32."""

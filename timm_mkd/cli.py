@@ -44,7 +44,8 @@ CONFIG_FIELDS = {
     'mkd_tau_t': 'tau_t', 'mkd_tau_s': 'tau_s', 'mkd_tau_min': 'tau_min', 'mkd_tau_max': 'tau_max',
     'mkd_meta_interval': 'meta_interval', 'mkd_meta_lr': 'meta_lr', 'mkd_temperatures': 'tie_temperatures',
     'mkd_hypergrad': 'hypergrad_mode', 'mkd_meta_loss': 'meta_loss', 'mkd_estimator': 'estimator',
-    'mkd_warm_start': 'warm_start_batches', 'mkd_fd_precision': 'fd_precision', 'mkd_fd_batch_size': 'fd_batch_size',
+    'mkd_warm_start': 'warm_start_batches', 'mkd_calibration_smoothing': 'calibration_smoothing',
+    'mkd_fd_precision': 'fd_precision', 'mkd_fd_batch_size': 'fd_batch_size',
 }
 
 #: argparse ``dest`` of every flag ``add_mkd_args`` adds, with its default.
@@ -96,6 +97,9 @@ _FLAGS = {
                        'calibration estimator: the first meta step sets the temperature to the exact minimiser of the '
                        'teacher\'s NLL on this many meta batches, so the start value does not matter; 0: walk from '
                        '--mkd-tau-t'),
+    'mkd_calibration_smoothing': (dict(type=float, metavar='EPS'),
+                                  'calibration estimator: label smoothing of the held-out labels the teacher\'s NLL '
+                                  'is measured against (0: hard labels)'),
     'mkd_fd_precision': (dict(choices=FD_PRECISIONS),
                          'lookahead / neumann estimators: precision of the two finite-difference forwards. auto: the '
                          'training autocast when it is float16 (--amp), float32 under bfloat16 or without --amp; '

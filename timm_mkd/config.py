@@ -56,6 +56,9 @@ class MKDConfig:
         estimator: ``'calibration'``, ``'lookahead'`` or ``'neumann'``.
         warm_start_batches: ``'calibration'`` only: meta batches the warm start solves on (0: off). With held-out
             meta data it runs before the first update, so no update trains at the initial ``tau_t``.
+        calibration_smoothing: ``'calibration'`` only: label smoothing of the hard meta labels the teacher's NLL is
+            measured against, ``(1 - e) * one_hot + e / classes`` (0: the hard labels; soft meta targets are used as
+            they are).
         neumann_terms: Hessian-vector products of the ``'neumann'`` estimator.
         neumann_scale: step of the Neumann series relative to the look-ahead Jacobian.
 
@@ -80,6 +83,7 @@ class MKDConfig:
     meta_loss: str = 'calibrated'
     estimator: str = 'calibration'
     warm_start_batches: int = 4
+    calibration_smoothing: float = 0.0
     neumann_terms: int = 5
     neumann_scale: float = 1.0
 
@@ -96,11 +100,14 @@ class MKDConfig:
                 raise MKDConfigError(f"{name}='{getattr(self, name)}' is unknown; use one of {choices}.")
         _check_count('warm_start_batches', self.warm_start_batches, 0, '0: no warm start, e.g. 4')
         _check_count('fd_batch_size', self.fd_batch_size, 0, '0: the whole training batch, e.g. 32')
+        if not 0.0 <= self.calibration_smoothing < 1.0:
+            raise MKDConfigError(f"calibration_smoothing={self.calibration_smoothing} must be in [0, 1) (a label "
+                                 f"smoothing, e.g. 0.1 as train.py's --smoothing).")
         if str(self.meta_optimizer).lower() not in META_OPTIMIZERS:
             raise MKDConfigError(f"unknown meta optimizer meta_optimizer='{self.meta_optimizer}'; use 'adam' or 'sgd'.")
         for name, kind in (('meta_interval', int), ('warm_start_batches', int), ('neumann_terms', int),
                            ('fd_batch_size', int),
-                           ('fd_eps', float), ('neumann_scale', float), ('tau_min', float), ('tau_max', float),
+                           ('fd_eps', float), ('neumann_scale', float), ('calibration_smoothing', float), ('tau_min', float), ('tau_max', float),
                            ('tie_temperatures', bool), ('learn_tau_t', bool), ('learn_tau_s', bool)):
             object.__setattr__(self, name, kind(getattr(self, name)))
 

@@ -19,9 +19,11 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .calibration import calibrated_log_temperature, calibration_hypergradient
 from .config import MKDConfig
+from .loss import _is_soft
 from .meta_parts import HyperGradient, TrainBatch
 from .meta_step import finite_difference_hypergradient, neumann_hypergradient
 
@@ -127,15 +129,25 @@ class CalibrationEstimator(Estimator):
     """The teacher's held-out NLL at its temperature (``calibration_hypergradient``), with a warm start.
 
     Args:
-        config: ``warm_start_batches`` is read.
+        config: ``warm_start_batches`` and ``calibration_smoothing`` are read.
     """
     needs_lookahead = False
 
     def __init__(self, config: MKDConfig):
         self.warm_start_batches = config.warm_start_batches
+        self.smoothing = config.calibration_smoothing
+
+    def targets(self, targets: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Hard labels smoothed by ``calibration_smoothing`` (as ``[B, C]`` probabilities); soft targets as they are."""
+        if self.smoothing == 0.0 or _is_soft(targets, logits):
+            return targets
+        classes = logits.shape[-1]
+        one_hot = F.one_hot(targets, classes).to(torch.promote_types(logits.dtype, torch.float32))
+        return one_hot * (1.0 - self.smoothing) + self.smoothing / classes
 
     def __call__(self, inputs: MetaInputs) -> HyperGradient:
-        return calibration_hypergradient(inputs.teacher_logits(inputs.meta_input), inputs.meta_target, inputs.log_taus)
+        logits = inputs.teacher_logits(inputs.meta_input)
+        return calibration_hypergradient(logits, self.targets(inputs.meta_target, logits), inputs.log_taus)
 
     def solve(self, teacher_logits: torch.Tensor, targets: torch.Tensor, tau_min: float,
               tau_max: float) -> HyperGradient:
@@ -144,6 +156,7 @@ class CalibrationEstimator(Estimator):
         Returns:
             ``HyperGradient`` whose ``grad[0]`` is ``log tau*`` and whose ``meta_loss`` is the NLL there.
         """
+        targets = self.targets(targets, teacher_logits)
         log_tau = calibrated_log_temperature(teacher_logits, targets, tau_min, tau_max).to(teacher_logits.device)
         nll = calibration_hypergradient(teacher_logits, targets, (log_tau, log_tau)).meta_loss
         return HyperGradient(grad=torch.stack([log_tau, torch.zeros_like(log_tau)]), meta_loss=nll, epsilon=0.0)
