@@ -280,6 +280,37 @@ def test_warm_start_lands_on_the_calibrated_temperature_from_any_start(tau):
     assert task2.meta_steps == 4 and abs(math.log(task2.temperatures()[0]) - before) <= 3 * 0.1 + 1e-6
 
 
+def test_by_default_no_temperature_sharpens():
+    """``tau_min`` is 1 by default: where the teacher's calibrated temperature lies below 1 (a briefly trained teacher
+    is underconfident), the warm start and the meta steps after it keep tau_t at 1 instead of sharpening the teacher."""
+    from timm_mkd.meta_step import calibrated_log_temperature
+    batches = [fmnist_batches(32, offset=2000 + 32 * i) for i in range(4)]
+    x, y = fmnist_batches(32)
+    torch.manual_seed(0)
+    teacher = SmallCNN(width=16, drop=0.0)
+    teacher_opt = torch.optim.AdamW(teacher.parameters(), lr=3e-3)
+    xt, yt = fmnist_batches(256)
+    for _ in range(30):
+        teacher_opt.zero_grad()
+        torch.nn.functional.cross_entropy(teacher(xt), yt).backward()
+        teacher_opt.step()
+    task = MKDTask(SmallCNN(drop=0.3), teacher.eval(), tau_t=4.0, meta_interval=1, verbose=False)
+    assert task.config.tau_min == 1.0
+    opt = torch.optim.SGD(task.trainable_module.parameters(), lr=0.05)
+    task.attach(opt, batches)
+    with torch.no_grad():
+        logits = torch.cat([task.teacher(xm, return_features=False) for xm, _ in batches])
+    unclipped = math.exp(float(calibrated_log_temperature(logits, torch.cat([ym for _, ym in batches]), 0.05, 20.0)))
+    assert unclipped < 0.9  # the precondition: this teacher would be sharpened without the bound
+    for _ in range(3):
+        out = task(x, y)
+        assert float(out['tau_t']) == 1.0
+        opt.zero_grad()
+        out['loss'].backward()
+        opt.step()
+    assert task.meta_steps == 1 + 3 and task.temperatures() == (1.0, 1.0)
+
+
 def test_warm_start_off_walks_from_the_initial_value():
     task, _, _ = _run(steps=1, tau_t=8.0, tau_s=8.0, warm_start_batches=0)
     assert abs(math.log(8.0) - math.log(task.temperatures()[0])) == pytest.approx(0.1, rel=1e-3)  # one Adam step

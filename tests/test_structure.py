@@ -94,8 +94,8 @@ def test_one_config_holds_the_defaults():
 
 
 @pytest.mark.parametrize('kwargs, core, flags', [
-    (dict(tau_t=30.0), 'tau_t=30.0 is outside the bounds [tau_min=0.5, tau_max=20.0]',
-     '--mkd-tau-t 30.0 is outside the bounds [--mkd-tau-min 0.5, --mkd-tau-max 20.0]'),
+    (dict(tau_t=30.0), 'tau_t=30.0 is outside the bounds [tau_min=1.0, tau_max=20.0]',
+     '--mkd-tau-t 30.0 is outside the bounds [--mkd-tau-min 1.0, --mkd-tau-max 20.0]'),
     (dict(meta_interval=0), 'meta_interval=0 must be an integer >= 1', '--mkd-meta-interval 0 must be an integer >= 1'),
     (dict(warm_start_batches=-1), 'warm_start_batches=-1 must be', '--mkd-warm-start -1 must be'),
     (dict(tau_min=3.0, tau_max=2.0), 'tau_min=3.0 must be smaller than tau_max=2.0',
