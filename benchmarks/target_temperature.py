@@ -46,7 +46,6 @@ def main(argv=None):
     teacher, _ = quality.get_teacher(args, teacher_train, None)
     teacher.eval()
     from timm.data import Mixup
-    from timm_mkd.config import MKDConfig
     from timm_mkd.meta_data import build_meta_loader
     from timm_mkd.meta_step import calibrated_log_temperature, calibration_hypergradient
 
@@ -62,7 +61,8 @@ def main(argv=None):
     rows = []
     for name, make in sources.items():
         logits, targets = _collect(teacher, make(), len(meta_set))
-        log_tau = calibrated_log_temperature(logits, targets, MKDConfig.tau_min, MKDConfig.tau_max)
+        # The unconstrained minimiser (wide bounds): the library clips it to [tau_min, tau_max] afterwards.
+        log_tau = calibrated_log_temperature(logits, targets, 0.05, 50.0)
         nll = calibration_hypergradient(logits, targets, (log_tau, log_tau)).meta_loss
         nll1 = calibration_hypergradient(logits, targets, (torch.zeros((), dtype=torch.float64),) * 2).meta_loss
         rows.append(dict(target=name, images=len(targets), tau_star=round(math.exp(float(log_tau)), 4),
