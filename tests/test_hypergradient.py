@@ -197,11 +197,9 @@ def test_neumann_without_terms_is_the_one_step_estimate():
     assert torch.allclose(one, neu, rtol=1e-9, atol=0)
 
 
-def test_calibration_gradient_vanishes_at_the_teachers_calibrated_temperature():
-    """The calibration estimator's zero is the temperature that minimises the teacher's held-out NLL
-    (found independently by a grid), it points towards it from above and below, and rows with
-    non-finite teacher logits are left out."""
-    from timm_mkd.meta_step import calibration_hypergradient
+def _briefly_trained_teacher_logits():
+    """A small float64 teacher after 30 AdamW steps (underconfident: calibrated tau below 1) and its logits on 256
+    held-out images, with their labels."""
     torch.manual_seed(0)
     teacher = SmallCNN(width=16, drop=0.0).double().eval()
     opt = torch.optim.AdamW(teacher.parameters(), lr=3e-3)
@@ -212,7 +210,15 @@ def test_calibration_gradient_vanishes_at_the_teachers_calibrated_temperature():
         opt.step()
     xm, ym = fmnist_batches(256, offset=3000, dtype=torch.float64)
     with torch.no_grad():
-        z = teacher.eval()(xm)
+        return teacher.eval()(xm), ym
+
+
+def test_calibration_gradient_vanishes_at_the_teachers_calibrated_temperature():
+    """The calibration estimator's zero is the temperature that minimises the teacher's held-out NLL
+    (found independently by a grid), it points towards it from above and below, and rows with
+    non-finite teacher logits are left out."""
+    from timm_mkd.meta_step import calibration_hypergradient
+    z, ym = _briefly_trained_teacher_logits()
     grid = torch.linspace(-1.5, 1.5, 3001, dtype=torch.float64)
     nll = torch.stack([torch.nn.functional.cross_entropy(z / t.exp(), ym) for t in grid])
     best = grid[nll.argmin()]
@@ -230,17 +236,7 @@ def test_calibrated_log_temperature_solves_what_the_calibration_gradient_follows
     """The warm start's exact solver returns the grid minimum of the teacher's NLL, the nearer bound when the
     minimum lies outside the bounds, the same answer for one-hot soft targets, and ignores non-finite rows."""
     from timm_mkd.meta_step import calibrated_log_temperature
-    torch.manual_seed(0)
-    teacher = SmallCNN(width=16, drop=0.0).double().eval()
-    opt = torch.optim.AdamW(teacher.parameters(), lr=3e-3)
-    x, y = fmnist_batches(256, dtype=torch.float64)
-    for _ in range(30):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(teacher.train()(x), y).backward()
-        opt.step()
-    xm, ym = fmnist_batches(256, offset=3000, dtype=torch.float64)
-    with torch.no_grad():
-        z = teacher.eval()(xm)
+    z, ym = _briefly_trained_teacher_logits()
     grid = torch.linspace(math.log(0.25), math.log(8.0), 6001, dtype=torch.float64)
     nll = torch.stack([torch.nn.functional.cross_entropy(z / t.exp(), ym) for t in grid])
     best = float(grid[nll.argmin()])
@@ -266,17 +262,7 @@ def test_calibration_smoothing_calibrates_against_the_smoothed_labels():
     from timm_mkd.config import MKDConfig
     from timm_mkd.estimators import CalibrationEstimator
     from timm_mkd.meta_step import calibration_hypergradient
-    torch.manual_seed(0)
-    teacher = SmallCNN(width=16, drop=0.0).double().eval()
-    opt = torch.optim.AdamW(teacher.parameters(), lr=3e-3)
-    x, y = fmnist_batches(256, dtype=torch.float64)
-    for _ in range(30):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(teacher.train()(x), y).backward()
-        opt.step()
-    xm, ym = fmnist_batches(256, offset=3000, dtype=torch.float64)
-    with torch.no_grad():
-        z = teacher.eval()(xm)
+    z, ym = _briefly_trained_teacher_logits()
     smoothed = torch.nn.functional.one_hot(ym, 10).double() * 0.9 + 0.01
     grid = torch.linspace(math.log(0.25), math.log(8.0), 6001, dtype=torch.float64)
     nll = torch.stack([-(smoothed * torch.log_softmax(z / t.exp(), -1)).sum(-1).mean() for t in grid])
