@@ -9,7 +9,7 @@ import torch
 from timm_mkd import MKDTask
 from timm_mkd.meta_step import exact_hypergradient, finite_difference_hypergradient
 
-from small_models import SmallCNN, fmnist_batches
+from small_models import SmallCNN, briefly_trained_teacher, fmnist_batches
 
 
 def _setup(opt_name: str, dtype=torch.float64, seed: int = 0):
@@ -198,19 +198,11 @@ def test_neumann_without_terms_is_the_one_step_estimate():
 
 
 def _briefly_trained_teacher_logits():
-    """A small float64 teacher after 30 AdamW steps (underconfident: calibrated tau below 1) and its logits on 256
-    held-out images, with their labels."""
-    torch.manual_seed(0)
-    teacher = SmallCNN(width=16, drop=0.0).double().eval()
-    opt = torch.optim.AdamW(teacher.parameters(), lr=3e-3)
-    x, y = fmnist_batches(256, dtype=torch.float64)
-    for _ in range(30):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(teacher.train()(x), y).backward()
-        opt.step()
+    """``briefly_trained_teacher`` in float64: its logits on 256 held-out images, with their labels."""
+    teacher = briefly_trained_teacher(torch.float64)
     xm, ym = fmnist_batches(256, offset=3000, dtype=torch.float64)
     with torch.no_grad():
-        return teacher.eval()(xm), ym
+        return teacher(xm), ym
 
 
 def test_calibration_gradient_vanishes_at_the_teachers_calibrated_temperature():
@@ -295,8 +287,10 @@ def test_calibration_step_under_bf16_autocast_matches_float32():
     meta = [fmnist_batches(128, offset=3000 + 128 * i) for i in range(2)]
     results = {}
     for name, autocast in (('fp32', None), ('bf16', lambda: torch.autocast('cpu', dtype=torch.bfloat16))):
+        # tau_min below this teacher's calibrated ~0.58, so the warm start is compared unclipped (the default 1
+        # would clip both to 1 and make the comparison empty).
         task = MKDTask(student, teacher, tau_t=4.0, tau_s=4.0, meta_interval=1, warm_start_batches=2,
-                       meta_autocast=autocast, verbose=False)
+                       tau_min=0.5, meta_autocast=autocast, verbose=False)
         sgd = torch.optim.SGD(student.parameters(), lr=0.0)
         task.attach(sgd, meta)
         grad = task.meta.hypergradient(*meta[0]).grad[0]
@@ -308,4 +302,5 @@ def test_calibration_step_under_bf16_autocast_matches_float32():
     print(results)
     (g32, t32), (g16, t16) = results['fp32'], results['bf16']
     assert g32 > 0 and abs(g16 - g32) <= 0.05 * abs(g32)
+    assert t32 < math.log(0.9)  # the warm start landed below 1, inside the bounds
     assert abs(t16 - t32) <= 0.05 * abs(t32) + 0.01

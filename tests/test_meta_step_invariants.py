@@ -12,7 +12,7 @@ import torch
 
 from timm_mkd import MKDTask
 
-from small_models import SmallCNN, fmnist_batches
+from small_models import SmallCNN, briefly_trained_teacher, fmnist_batches
 
 
 ESTIMATORS = ('lookahead', 'neumann', 'calibration')
@@ -286,15 +286,8 @@ def test_by_default_no_temperature_sharpens():
     from timm_mkd.meta_step import calibrated_log_temperature
     batches = [fmnist_batches(32, offset=2000 + 32 * i) for i in range(4)]
     x, y = fmnist_batches(32)
-    torch.manual_seed(0)
-    teacher = SmallCNN(width=16, drop=0.0)
-    teacher_opt = torch.optim.AdamW(teacher.parameters(), lr=3e-3)
-    xt, yt = fmnist_batches(256)
-    for _ in range(30):
-        teacher_opt.zero_grad()
-        torch.nn.functional.cross_entropy(teacher(xt), yt).backward()
-        teacher_opt.step()
-    task = MKDTask(SmallCNN(drop=0.3), teacher.eval(), tau_t=4.0, meta_interval=1, verbose=False)
+    teacher = briefly_trained_teacher()
+    task = MKDTask(SmallCNN(drop=0.3), teacher, tau_t=4.0, meta_interval=1, verbose=False)
     assert task.config.tau_min == 1.0
     opt = torch.optim.SGD(task.trainable_module.parameters(), lr=0.05)
     task.attach(opt, batches)
