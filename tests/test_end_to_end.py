@@ -97,4 +97,6 @@ def test_mkd_student_on_fashion_mnist():
     assert task.updates == 300 and task.meta_steps == 61 and task.meta_skipped == 0
     assert len(records) == 61 and all(r['meta_loss'] > 0 for r in records) and records[0]['step'] == 0
     assert abs(tau_t - 4.0) > 0.1 and tau_s == 1.0
+    # and not merely onto the default bound tau_min=1 (1.17-1.30 measured along the run)
+    assert min(r['tau_t'] for r in records) > task.config.tau_min
     assert student_acc > 0.25  # chance is 0.10; 0.34-0.38 measured here

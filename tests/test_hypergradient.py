@@ -85,18 +85,24 @@ def test_meta_step_runs_on_vit_with_fused_attention():
     student = timm.create_model('test_vit', num_classes=10, in_chans=1, img_size=28, patch_size=4)
     assert any(getattr(m, 'fused_attn', False) for m in student.modules()), 'expected fused attention'
     teacher = SmallCNN(width=16, drop=0.0)
-    task = MKDTask(student, teacher, meta_interval=2, meta_lr=0.05, verbose=False)
+    # The look-ahead estimator: the default ('calibration') never runs the student in a meta step. Its
+    # hypergradient here lowers tau_t from 1, so tau_min is below 1: at the default bound tau_t would not move.
+    task = MKDTask(student, teacher, meta_interval=2, meta_lr=0.05, verbose=False, estimator='lookahead',
+                   tau_min=0.5)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
     x, y = fmnist_batches(16)
     xm, ym = fmnist_batches(16, offset=500)
     task.attach(opt, [(xm, ym)])
     start = task.temperatures()
+    forwards = []
+    student.register_forward_hook(lambda *a: forwards.append(1))
     for _ in range(4):
         opt.zero_grad()
         task(x, y)['loss'].backward()
         opt.step()
-    assert task.meta_steps == 1 + 2 and task.meta_skipped == 0  # the warm start, then updates 2 and 4
-    assert task.temperatures() != start
+    assert task.meta_steps == 2 and task.meta_skipped == 0  # updates 2 and 4
+    assert len(forwards) == 4 + 2 * 3  # each meta step: the meta batch, then the +eps and -eps forwards
+    assert task.temperatures() != start and 0.5 < task.temperatures()[0] < 1.0  # moved, not onto a bound
     assert all(torch.isfinite(torch.tensor([task.last_record['hypergrad_t'], task.last_record['hypergrad_s']])))
 
 

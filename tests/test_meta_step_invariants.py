@@ -28,11 +28,14 @@ def _state(module):
     }
 
 
-def _run(steps: int = 2, meta_batches=None, **task_kwargs):
-    """Train ``steps`` updates with a meta step after each; return (task, before, after) snapshots per update."""
+def _run(steps: int = 2, meta_batches=None, teacher=None, **task_kwargs):
+    """Train ``steps`` updates with a meta step after each; return (task, before, after) snapshots per update.
+
+    ``teacher``: by default an untrained SmallCNN (its calibrated temperature lies far above tau_max)."""
     torch.manual_seed(0)
     student = SmallCNN(drop=0.3)
-    teacher = SmallCNN(width=16, drop=0.0)
+    untrained = SmallCNN(width=16, drop=0.0)  # built either way: the same RNG stream after it
+    teacher = untrained if teacher is None else teacher
     kwargs = dict(meta_interval=1, meta_lr=0.1, verbose=False)
     kwargs.update(task_kwargs)
     task = MKDTask(student, teacher, **kwargs)
@@ -329,14 +332,23 @@ def test_warm_start_happens_once_and_not_again_after_resume():
 
 def test_with_a_warm_start_the_initial_temperature_does_not_change_the_run():
     """The warm start runs before the first update and copies tau_t, so MKD from tau 1, 4 and 8 trains the
-    student bit-identically (what makes issue 9's 'from any start' a property of the method, not of luck)."""
+    student bit-identically (what makes issue 9's 'from any start' a property of the method, not of luck).
+
+    The teacher is the briefly trained one (calibrated below 1) with tau_min below its calibrated temperature: with
+    the untrained teacher or the default tau_min=1 every run is projected onto a bound (tau_max or 1), which makes
+    them equal whether the warm start copies tau_t or not."""
     batches = [fmnist_batches(32, offset=2000 + 32 * i) for i in range(4)]
-    runs = [_run(steps=4, meta_batches=batches, tau_t=tau, meta_interval=2) for tau in (1.0, 4.0, 8.0)]
+    teacher = briefly_trained_teacher()
+    runs = [_run(steps=4, meta_batches=batches, teacher=teacher, tau_t=tau, tau_min=0.25, meta_interval=2)
+            for tau in (1.0, 4.0, 8.0)]
     (first, _, after), others = runs[0], runs[1:]
+    tau_t = first.temperatures()[0]
+    assert 0.25 * 1.01 < tau_t < 0.95  # inside the bounds (not projected) and below 1 (not the default bound)
     for task, _, other_after in others:
         assert task.temperatures() == first.temperatures()
         for part in ('params', 'buffers'):
             for name, value in after[-1][part].items():
                 assert torch.equal(value, other_after[-1][part][name]), name
-    off = _run(steps=4, meta_batches=batches, tau_t=4.0, meta_interval=2, warm_start_batches=0)
+    off = _run(steps=4, meta_batches=batches, teacher=teacher, tau_t=4.0, tau_min=0.25, meta_interval=2,
+               warm_start_batches=0)
     assert off[0].temperatures() != first.temperatures()  # without it the start does matter

@@ -168,7 +168,8 @@ def test_mkd_export_flag_writes_a_loadable_student(mkd_run, workdir, data_root):
     assert 'exported the student to' in result.log
 
 
-def assert_mkd_summary(outdir, epochs, tau_min=0.5, tau_max=20.0):
+def assert_mkd_summary(outdir, epochs, tau_min=1.0, tau_max=20.0):
+    """The MKD columns of summary.csv; the default bounds are MKDConfig's (no run here passes --mkd-tau-min)."""
     rows = read_csv(outdir / 'summary.csv')
     assert len(rows) == epochs
     for row in rows:
@@ -289,6 +290,8 @@ def test_resume_continues_with_saved_temperatures(mkd_run, train_py, data_root, 
     outdir, _ = mkd_run
     saved = read_csv(outdir / 'summary.csv')[-1]
     saved_steps = read_csv(outdir / 'temperatures.csv')
+    # tau_t 1 is both the initial value and the default bound: a resume that lost it would match it too
+    assert float(saved['tau_t']) != 1.0
     args = base_args(data_root, workdir / 'out', 'mkd_resumed', model=None, epochs=3)
     result = ok(run_mkd(train_py, args + VIT + mkd_flags(teacher_ckpt) + [
         '--aa', 'rand-m9-mstd0.5', '--mixup', '0.8', '--cutmix', '1.0', '--opt', 'adamw', '--lr', '1e-3',
@@ -582,6 +585,8 @@ def test_sigkill_mid_epoch_then_resume_from_recovery(train_py, data_root, workdi
     recovery = max(glob.glob(str(outdir / 'recovery-*.pth.tar')), key=os.path.getmtime)
     state = torch.load(recovery, map_location='cpu', weights_only=False)['task_state']['mkd']
     saved_t, saved_s = math.exp(float(state['log_tau_t'])), math.exp(float(state['log_tau_s']))
+    # tau_t 1 is both the initial value and the default bound: a resume that lost it would match it too
+    assert saved_t != 1.0
 
     # the meta-step log survived the kill and agrees with the checkpoint
     steps = [r for r in read_csv(outdir / 'temperatures.csv') if int(r['step']) <= int(state['updates'])]
