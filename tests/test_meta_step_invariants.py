@@ -60,7 +60,7 @@ def test_meta_step_changes_temperatures(estimator):
     task, _, _ = _run(estimator=estimator, teacher=briefly_trained_teacher(), tau_min=0.25)
     assert task.meta_steps == 2 + (estimator == 'calibration')  # + its warm start before the first update
     tau_t = task.temperatures()[0]
-    assert tau_t != 1.0 and 0.25 * 1.01 < tau_t < task.config.tau_max / 1.01
+    assert tau_t != 1.0 and task.config.tau_min * 1.01 < tau_t < task.config.tau_max / 1.01
 
 
 @pytest.mark.parametrize('estimator', ESTIMATORS)
@@ -347,7 +347,7 @@ def test_with_a_warm_start_the_initial_temperature_does_not_change_the_run():
             for tau in (1.0, 4.0, 8.0)]
     (first, _, after), others = runs[0], runs[1:]
     tau_t = first.temperatures()[0]
-    assert 0.25 * 1.01 < tau_t < 0.95  # inside the bounds (not projected) and below 1 (not the default bound)
+    assert first.config.tau_min * 1.01 < tau_t < 0.95  # inside the bounds (not projected) and below 1 (not the default bound)
     for task, _, other_after in others:
         assert task.temperatures() == first.temperatures()
         for part in ('params', 'buffers'):

@@ -20,6 +20,8 @@ import sys
 
 import pytest
 
+from timm_mkd.config import MKDConfig
+
 pytestmark = pytest.mark.trainpy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -168,7 +170,7 @@ def test_mkd_export_flag_writes_a_loadable_student(mkd_run, workdir, data_root):
     assert 'exported the student to' in result.log
 
 
-def assert_mkd_summary(outdir, epochs, tau_min=1.0, tau_max=20.0):
+def assert_mkd_summary(outdir, epochs, tau_min=MKDConfig.tau_min, tau_max=MKDConfig.tau_max):
     """The MKD columns of summary.csv; the default bounds are MKDConfig's (no run here passes --mkd-tau-min)."""
     rows = read_csv(outdir / 'summary.csv')
     assert len(rows) == epochs
