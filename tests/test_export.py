@@ -19,7 +19,7 @@ from timm.utils import CheckpointSaver
 from timm_mkd import MKDTask
 from timm_mkd.export import EXPORT_JSON, WEIGHTS_FILE, ExportError, export_run, load_student
 
-from small_models import SmallCNN, fmnist_batches
+from small_models import briefly_trained_teacher, fmnist_batches
 
 MODEL = 'vit_tiny_patch16_224'
 MODEL_KWARGS = {'img_size': 28, 'patch_size': 7, 'depth': 2, 'embed_dim': 48, 'num_heads': 3}
@@ -37,9 +37,10 @@ def _student():
 def run_dir(tmp_path_factory):
     """A run folder with model_best.pth.tar of an MKD student after 3 meta steps."""
     out = tmp_path_factory.mktemp('run')
+    teacher = briefly_trained_teacher()  # calibrates inside [tau_min, tau_max], so the exported tau_t is not a bound
     student = _student()
     torch.manual_seed(1)
-    task = MKDTask(student, SmallCNN(width=8, drop=0.0), meta_interval=2, meta_lr=0.1, tau_t=2.0, tau_s=3.0,
+    task = MKDTask(student, teacher, meta_interval=2, meta_lr=0.1, tau_t=2.0, tau_s=3.0, tau_min=0.25,
                    verbose=False)
     opt = torch.optim.SGD(student.parameters(), lr=0.01)
     task.attach(opt, [fmnist_batches(16, offset=5000)])
@@ -49,6 +50,7 @@ def run_dir(tmp_path_factory):
         task(x, y)['loss'].backward()
         opt.step()
     assert task.meta_steps == 1 + 3  # the warm start before the first update, then updates 2, 4, 6
+    assert 0.25 * 1.01 < task.temperatures()[0] < 20.0 / 1.01 and task.temperatures()[1] == 3.0
     saver = CheckpointSaver(model=student, optimizer=opt, args=ARGS, checkpoint_dir=str(out),
                             recovery_dir=str(out), task=task)
     saver.save_checkpoint(epoch=0, metric=42.5)

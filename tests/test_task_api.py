@@ -4,12 +4,25 @@ from timm.task import TrainingTask
 
 from timm_mkd import MKDTask
 
-from small_models import SmallCNN, fmnist_batches
+from small_models import SmallCNN, briefly_trained_teacher, fmnist_batches
 
 
 def _task(**kwargs):
     torch.manual_seed(0)
     return MKDTask(SmallCNN(drop=0.1), SmallCNN(width=16, drop=0.3), verbose=False, **kwargs)
+
+
+def _trained_task(**kwargs):
+    """A task whose warm start lands inside the bounds: the briefly trained teacher calibrates below 1, so
+    ``tau_min`` is 0.25 (an untrained teacher's calibration is clipped at ``tau_max``, so any move would pass)."""
+    teacher = briefly_trained_teacher()
+    torch.manual_seed(0)
+    return MKDTask(SmallCNN(drop=0.1), teacher, verbose=False, **{'tau_min': 0.25, **kwargs})
+
+
+def _moved_inside_bounds(task, start=1.0):
+    tau_t = task.temperatures()[0]
+    return tau_t != start and task.config.tau_min * 1.01 < tau_t < task.config.tau_max / 1.01
 
 
 def _train(task, opt, x, y, steps=1):
@@ -55,7 +68,7 @@ def test_teacher_frozen_and_in_eval_mode():
 
 def test_compiled_student_with_meta_step():
     """compile() wraps the student and teacher; the meta step runs the unwrapped student eagerly."""
-    task = _task(meta_interval=1)
+    task = _trained_task(meta_interval=1)
     task.compile(backend='aot_eager')
     assert hasattr(task.trainable_module, '_orig_mod')
     student = task.get_trainable_module()
@@ -63,7 +76,7 @@ def test_compiled_student_with_meta_step():
     task.attach(opt, [fmnist_batches(16, offset=100)])
     x, y = fmnist_batches(16)
     _train(task, opt, x, y, steps=2)
-    assert task.meta_steps == 1 + 2 and task.meta_skipped == 0 and task.temperatures() != (1.0, 1.0)
+    assert task.meta_steps == 1 + 2 and task.meta_skipped == 0 and _moved_inside_bounds(task)
 
 
 def test_ema_tracks_student_only():
@@ -80,7 +93,7 @@ def test_ema_tracks_student_only():
 
 def test_to_and_dtype_moves_keep_working():
     """nn.Module.to()/double() go through Module._apply; the task must not shadow it."""
-    task = _task(meta_interval=1)
+    task = _trained_task(meta_interval=1)
     assert task.to('cpu') is task and task.device == torch.device('cpu')
     task.double()
     assert task.tau.log_tau_t.dtype == torch.float64 and next(task.trainable_module.parameters()).dtype == torch.float64
@@ -89,27 +102,30 @@ def test_to_and_dtype_moves_keep_working():
     task.attach(opt, [fmnist_batches(16, offset=100)])
     x, y = fmnist_batches(16)
     _train(task, opt, x, y)
-    assert task.meta_steps == 1 + 1 and task.temperatures() != (1.0, 1.0)  # the warm start, then update 1
+    assert task.meta_steps == 1 + 1 and _moved_inside_bounds(task)  # the warm start, then update 1
 
 
 def test_tied_temperatures_keep_their_ratio_and_move():
     import math
     import pytest
-    task = _task(tau_t=3.0, tau_s=2.0, tie_temperatures=True, learn_tau_s=True, meta_interval=1, meta_lr=0.1)
+    # tau_min 0.1: tied at the ratio 1.5, tau_s would reach 0.25 first
+    task = _trained_task(tau_t=3.0, tau_s=2.0, tie_temperatures=True, learn_tau_s=True, meta_interval=1, meta_lr=0.1,
+                         tau_min=0.1)
     opt = torch.optim.SGD(task.trainable_module.parameters(), lr=0.1)
     x, y = fmnist_batches(16)
     task.attach(opt, [fmnist_batches(16, offset=500)])
     _train(task, opt, x, y, steps=3)
     tau_t, tau_s = task.temperatures()
-    assert task.meta_steps == 1 + 3 and tau_t != 3.0  # the warm start, then one per update
+    assert task.meta_steps == 1 + 3 and _moved_inside_bounds(task, start=3.0)  # the warm start, then one per update
+    assert task.config.tau_min * 1.01 < tau_s
     assert math.isclose(tau_t / tau_s, 1.5, rel_tol=1e-5)
     # With one temperature fixed there is nothing to tie: the learned one moves alone.
-    task = _task(tau_t=3.0, tau_s=2.0, learn_tau_s=False, meta_interval=1, meta_lr=0.1)
+    task = _trained_task(tau_t=3.0, tau_s=2.0, learn_tau_s=False, meta_interval=1, meta_lr=0.1)
     assert not task.tie_temperatures
     opt = torch.optim.SGD(task.trainable_module.parameters(), lr=0.1)
     task.attach(opt, [fmnist_batches(16, offset=500)])
     _train(task, opt, x, y)
-    assert task.temperatures()[1] == 2.0 and task.temperatures()[0] != 3.0
+    assert task.temperatures()[1] == 2.0 and _moved_inside_bounds(task, start=3.0)
     with pytest.raises(ValueError, match='hypergrad_mode'):
         _task(hypergrad_mode='long')
 
