@@ -49,6 +49,12 @@ def fmnist_batches(n: int, split: str = 'train', offset: int = 0, dtype=torch.fl
     return x.unsqueeze(1), y
 
 
+def inside_bounds(task, tau: float) -> bool:
+    """Whether ``tau`` lies strictly inside ``task``'s temperature bounds (1% margin): a meta step moved it and no
+    projection onto ``tau_min`` or ``tau_max`` put it there."""
+    return task.config.tau_min * 1.01 < tau < task.config.tau_max / 1.01
+
+
 def briefly_trained_teacher(dtype=torch.float32) -> SmallCNN:
     """A small teacher after 30 AdamW steps on 256 real images (seed 0), in eval mode: it ranks classes well but is
     underconfident (its held-out calibrated temperature lies below 1)."""

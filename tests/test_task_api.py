@@ -4,7 +4,7 @@ from timm.task import TrainingTask
 
 from timm_mkd import MKDTask
 
-from small_models import SmallCNN, briefly_trained_teacher, fmnist_batches
+from small_models import SmallCNN, briefly_trained_teacher, fmnist_batches, inside_bounds
 
 
 def _task(**kwargs):
@@ -15,8 +15,8 @@ def _task(**kwargs):
 def _trained_task(**kwargs):
     """A task whose warm start lands inside the bounds: the briefly trained teacher calibrates below 1, so
     ``tau_min`` is 0.1 (an untrained teacher's calibration is clipped at ``tau_max``, so any move would pass). The
-    teacher's training depends on the torch thread count (float reductions): its calibration on 16 images moved from
-    0.277 to 0.268 between 1 and 2 threads, so the bound keeps a margin below both."""
+    teacher's training depends on the torch thread count (float reductions): after its warm start on 16 images and one
+    meta step at meta lr 0.1, tau_t was 0.277 with 1 thread and 0.268 with 2, which a bound of 0.25 clipped."""
     teacher = briefly_trained_teacher()
     torch.manual_seed(0)
     return MKDTask(SmallCNN(drop=0.1), teacher, verbose=False, **{'tau_min': 0.1, **kwargs})
@@ -24,7 +24,7 @@ def _trained_task(**kwargs):
 
 def _moved_inside_bounds(task, start=1.0):
     tau_t = task.temperatures()[0]
-    return tau_t != start and task.config.tau_min * 1.01 < tau_t < task.config.tau_max / 1.01
+    return tau_t != start and inside_bounds(task, tau_t)
 
 
 def _train(task, opt, x, y, steps=1):
@@ -110,7 +110,7 @@ def test_to_and_dtype_moves_keep_working():
 def test_tied_temperatures_keep_their_ratio_and_move():
     import math
     import pytest
-    # tau_min 0.05: tied at the ratio 1.5, tau_s (about 0.2) would reach 0.1 first after the meta lr 0.1 steps
+    # tau_min 0.05: tied at the ratio 1.5, tau_s ends 1.5x below tau_t (measured 0.160 / 0.155 with 1 / 2 threads)
     task = _trained_task(tau_t=3.0, tau_s=2.0, tie_temperatures=True, learn_tau_s=True, meta_interval=1, meta_lr=0.1,
                          tau_min=0.05)
     opt = torch.optim.SGD(task.trainable_module.parameters(), lr=0.1)
@@ -119,7 +119,7 @@ def test_tied_temperatures_keep_their_ratio_and_move():
     _train(task, opt, x, y, steps=3)
     tau_t, tau_s = task.temperatures()
     assert task.meta_steps == 1 + 3 and _moved_inside_bounds(task, start=3.0)  # the warm start, then one per update
-    assert task.config.tau_min * 1.01 < tau_s
+    assert inside_bounds(task, tau_s)
     assert math.isclose(tau_t / tau_s, 1.5, rel_tol=1e-5)
     # With one temperature fixed there is nothing to tie: the learned one moves alone.
     task = _trained_task(tau_t=3.0, tau_s=2.0, learn_tau_s=False, meta_interval=1, meta_lr=0.1, tau_min=0.05)
