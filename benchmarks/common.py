@@ -56,6 +56,10 @@ def teacher_model(name: str = 'resnet18', in_chans: int = 1, num_classes: int = 
     return set_norm(timm.create_model(name, in_chans=in_chans, num_classes=num_classes))
 
 
+#: The light geometric training augmentation used throughout (timm ``create_transform`` keywords).
+TRAIN_GEOMETRY = dict(interpolation='bilinear', scale=(0.8, 1.0), hflip=0.5)
+
+
 def make_loader(dataset, batch_size: int, training: bool, img_size: int = 28, aa=None, num_workers: int = 1,
                 re_prob: float = 0.0):
     """timm's create_loader (no prefetcher, CPU) with the light geometric aug used throughout."""
@@ -63,8 +67,7 @@ def make_loader(dataset, batch_size: int, training: bool, img_size: int = 28, aa
     return create_loader(
         dataset, input_size=(1, img_size, img_size), batch_size=batch_size, is_training=training,
         use_prefetcher=False, mean=MEAN, std=STD, auto_augment=aa, num_workers=num_workers,
-        interpolation='bilinear', crop_pct=1.0, scale=(0.8, 1.0), hflip=0.5, re_prob=re_prob,
-        persistent_workers=False)
+        crop_pct=1.0, re_prob=re_prob, persistent_workers=False, **TRAIN_GEOMETRY)
 
 
 @torch.no_grad()

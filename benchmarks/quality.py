@@ -42,8 +42,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (MEAN, STD, accuracy, cache_dir, cnn_student, evaluate, fashion_mnist_root, make_loader,  # noqa: E402
-                    teacher_model, vit_student)
+from common import (MEAN, STD, TRAIN_GEOMETRY, accuracy, cache_dir, cnn_student, evaluate,  # noqa: E402
+                    fashion_mnist_root, make_loader, teacher_model, vit_student)
+from timm_mkd.config import META_VIEWS, meta_views_for  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, 'results')
@@ -97,9 +98,10 @@ def parse_args(argv=None):
     p.add_argument('--meta-batch-size', type=int, default=64)
     p.add_argument('--meta-interval', type=int, default=None, help="MKD meta interval (default: MKDTask's)")
     p.add_argument('--meta-lr', type=float, default=None, help="MKD meta lr (default: MKDTask's)")
-    p.add_argument('--meta-aug', default='', metavar='AA',
-                   help="MKD meta batches with the students' training transforms and this RandAugment policy (hard "
-                        "labels, no mixup) instead of eval transforms, e.g. rand-m9-mstd0.5 (recorded in 'variant')")
+    p.add_argument('--meta-views', choices=META_VIEWS, default='auto',
+                   help="MKD meta batches seen with the students' training augmentation (train: crop, flip and the "
+                        "study's RandAugment; hard labels, no mixup) or eval transforms; auto: the library's choice "
+                        "for the estimator (train for calibration). Recorded in 'variant' when set")
     p.add_argument('--fixed-tau-s', action='store_true', help='MKD learns tau_t only (tau_s stays at its initial value)')
     p.add_argument('--mkd-kw', nargs='+', default=[], metavar='KEY=VALUE',
                    help="more MKDTask arguments, e.g. hypergrad_mode=full meta_optimizer=sgd (recorded in 'variant')")
@@ -264,18 +266,13 @@ def run_student(args, method, tau, seed, teacher, train_set, meta_set, eval_load
         kw.update(overrides)
         task = MKDTask(student, teacher, criterion=criterion, student_mean=MEAN,
                        student_std=STD, verbose=False, **kw)
-        if args.meta_aug:
-            # The same held-out images, seen as the student sees its training batches (without mixup).
-            from timm.data import create_dataset
-            from timm_mkd.meta_data import IndexSubset
-            augmented = IndexSubset(create_dataset('torch/fashion_mnist', root=fashion_mnist_root(), split='train',
-                                                   is_training=True), meta_set.indices)
-            meta_batches = private_rng_batches(make_loader(augmented, args.meta_batch_size, training=True,
-                                                           img_size=args.img_size, aa=args.meta_aug), seed)
-        else:
-            meta_batches = build_meta_loader(meta_set, input_size=(1, args.img_size, args.img_size),
-                                             batch_size=args.meta_batch_size, mean=MEAN, std=STD, crop_pct=1.0,
-                                             seed=seed)
+        # 'train' views: the held-out images as the student sees its training batches (without mixup).
+        views = meta_views_for(task.config.estimator, getattr(args, 'meta_views', 'auto'))
+        aa = AUGS[getattr(args, 'aug', DEFAULT_AUG)][0]
+        train_transform = dict(TRAIN_GEOMETRY, auto_augment=aa) if views == 'train' else None
+        meta_batches = build_meta_loader(meta_set, input_size=(1, args.img_size, args.img_size),
+                                         batch_size=args.meta_batch_size, mean=MEAN, std=STD, crop_pct=1.0,
+                                         seed=seed, train_transform=train_transform)
         task.attach(optimizer, meta_batches)
         os.makedirs(args.traj_dir, exist_ok=True)
         tpath = os.path.join(args.traj_dir, f'mkd_tau{tau:g}_N{task.meta_interval}_lr{task.meta_optimizer.param_groups[0]["lr"]:g}'
@@ -342,18 +339,6 @@ def run_student(args, method, tau, seed, teacher, train_set, meta_set, eval_load
     return row
 
 
-def private_rng_batches(loader, seed):
-    """``loader``'s batches, endlessly, each pass started from its own seed: creating the iterator draws the
-    shuffle and worker seeds from torch's global RNG, which would move the training stream's randomness."""
-    epoch = 0
-    while True:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(10_000 * (seed + 1) + epoch)
-            batches = iter(loader)
-        yield from batches
-        epoch += 1
-
-
 def mkd_kwargs(args):
     """``--mkd-kw`` as MKDTask keyword arguments (numbers parsed, anything else kept as a string)."""
     out = {}
@@ -373,12 +358,13 @@ def variant_name(args, sep=', '):
     import inspect
     from timm_mkd import MKDTask
     kw = mkd_kwargs(args)
-    if not kw and not args.fixed_tau_s and args.meta_interval is None and args.meta_lr is None and not args.meta_aug:
+    views = getattr(args, 'meta_views', 'auto') != 'auto'
+    if not kw and not args.fixed_tau_s and args.meta_interval is None and args.meta_lr is None and not views:
         return 'defaults' if sep == ', ' else sep + 'defaults'  # the library's defaults, only the initial tau set (the issue's `defaults` rows)
     # Otherwise named in full, so rows stay comparable when the library default changes.
     for key in ('hypergrad_mode', 'meta_loss', 'tie_temperatures'):
         kw.setdefault(key, inspect.signature(MKDTask).parameters[key].default)
-    parts = (['fixed-tau-s'] if args.fixed_tau_s else []) + ([f'meta-aug={args.meta_aug}'] if args.meta_aug else []) \
+    parts = (['fixed-tau-s'] if args.fixed_tau_s else []) + ([f'meta-views={args.meta_views}'] if views else []) \
         + [f'{k}={v}' for k, v in sorted(kw.items())]
     return sep.join(parts) if sep == ', ' else ''.join(sep + x for x in parts)
 

@@ -85,6 +85,20 @@ class DataPatches:
                 f'sub-folders (or --class-map).')
 
 
+    def _meta_train_transform(self):
+        """train.py's training augmentation flags as ``create_transform`` keywords (no mixup, no random erasing)."""
+        args, dc = self.args, self.data_config
+        no_aug = bool(getattr(args, 'no_aug', False))
+        interpolation = getattr(args, 'train_interpolation', None)
+        if no_aug or not interpolation:
+            interpolation = dc.get('interpolation', 'bilinear')  # train.py's own fallback
+        kw = dict(no_aug=no_aug, interpolation=interpolation, auto_augment=getattr(args, 'aa', None))
+        for flag in ('train_crop_mode', 'scale', 'ratio', 'hflip', 'vflip', 'color_jitter', 'color_jitter_prob',
+                     'grayscale_prob', 'gaussian_blur_prob'):
+            if getattr(args, flag, None) is not None:
+                kw[flag] = getattr(args, flag)
+        return kw
+
     def _meta_batches(self):
         """The meta batches for ``MKDTask.attach``: the training stream or an endless meta loader."""
         from timm_mkd import TRAIN_STREAM
@@ -98,6 +112,11 @@ class DataPatches:
                     f'through create_dataset(is_training=True); cannot build the meta data')
             return TRAIN_STREAM
         dc = self.data_config
+        train_transform = self._meta_train_transform() if opts.meta_views == 'train' else None
+        if self.is_primary():
+            views = ('the training augmentation (' + ', '.join(f'{k}={v}' for k, v in train_transform.items())
+                     + '; no mixup, cutmix or random erasing)') if train_transform else "timm's eval transform"
+            _logger.info(f'MKD: meta views with {views} (--mkd-meta-views {args.mkd_meta_views})')
         try:
             return build_meta_loader(
                 self.meta_dataset,
@@ -117,6 +136,7 @@ class DataPatches:
                 use_prefetcher=bool(getattr(args, 'prefetcher', False)),
                 img_dtype=self.img_dtype or torch.float32,
                 pin_memory=bool(getattr(args, 'pin_mem', False)),
+                train_transform=train_transform,
             )
         except (ValueError, TypeError) as e:  # the core's words, in the flags
             detail = str(e).replace('the meta batch size', 'the meta batch size (--mkd-meta-batch-size)')

@@ -128,6 +128,18 @@ def test_yaml_config_sets_mkd_flags(tmp_path):
     assert opts.meta_data == MetaDataSpec('split', split='meta')
 
 
+@pytest.mark.parametrize('argv, views', [
+    ([], 'train'),  # the default estimator is 'calibration': it calibrates on the training augmentation
+    (['--mkd-estimator', 'lookahead'], 'eval'),
+    (['--mkd-estimator', 'neumann'], 'eval'),
+    (['--mkd-estimator', 'lookahead', '--mkd-meta-views', 'train'], 'train'),
+    (['--mkd-meta-views', 'eval'], 'eval'),
+])
+def test_meta_views_follow_the_estimator_unless_given(argv, views):
+    _, opts = parse('--mkd', '--teacher', 'resnet18', *argv)
+    assert opts.meta_views == views
+
+
 @pytest.mark.parametrize('value, spec', [
     ('0.05', MetaDataSpec('holdout', fraction=0.05)),
     (' 0.5 ', MetaDataSpec('holdout', fraction=0.5)),
@@ -177,6 +189,8 @@ def test_parse_meta_data_errors(value, words):
     (['--mkd', '--teacher', 'a', '--mkd-meta-data', '0'], 'in (0, 1)'),
     (['--mkd-tau-t', '2'], 'without --mkd'),
     (['--teacher', 'a', '--mkd-meta-data', 'train'], 'without --mkd'),
+    (['--mkd', '--teacher', 'a', '--mkd-meta-data', 'train', '--mkd-meta-views', 'eval'],
+     '--mkd-meta-views eval does nothing with --mkd-meta-data train'),
     (['--teacher-checkpoint', 'whatever.pth'], '--teacher-checkpoint needs a teacher'),
 ])
 def test_validation_errors(argv, words):

@@ -276,6 +276,58 @@ def test_meta_loader_resumes_after_batch_or_world_size_change(old, new):
     assert next(legacy)[0].shape[0] == new['batch_size']
 
 
+# ------------------------------------------------------------------ augmented meta views (train_transform)
+
+RANDAUG = {'auto_augment': 'rand-m9-mstd0.5', 'scale': (0.5, 1.0), 'hflip': 0.5}
+
+
+def test_train_views_apply_timms_training_transform():
+    """A crop of the whole image that is always flipped: each view is the flipped eval view of the same image."""
+    flip_only = {'scale': (1.0, 1.0), 'ratio': (1.0, 1.0), 'hflip': 1.0, 'color_jitter': 0.0}
+    plain = next(_meta(_small_meta_set(32), batch_size=32, crop_pct=1.0))
+    flipped = next(_meta(_small_meta_set(32), batch_size=32, crop_pct=1.0, train_transform=flip_only))
+    assert torch.equal(plain[1], flipped[1])  # same order: the keyed sampler draws the same permutation
+    assert torch.equal(flipped[0], plain[0].flip(-1))
+
+
+@pytest.mark.parametrize('use_prefetcher', [False, True])
+def test_train_views_are_random_reproducible_and_leave_global_rng_untouched(use_prefetcher):
+    kwargs = dict(batch_size=16, train_transform=RANDAUG, use_prefetcher=use_prefetcher, device=CPU)
+    meta = _meta(_small_meta_set(16), **kwargs)
+    torch.manual_seed(1234)
+    random.seed(1234)
+    np.random.seed(1234)
+    torch_state, py_state, np_state = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    first, second = next(meta), next(meta)  # one batch per meta epoch: the same 16 images twice
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    assert random.getstate() == py_state
+    assert np.array_equal(np.random.get_state()[1], np_state[1])
+    eval_views = {int(i): x for i, x in enumerate(next(_meta(_small_meta_set(16), batch_size=16, crop_pct=1.0))[0])}
+    assert not any(torch.equal(x, e) for x in first[0] for e in eval_views.values())  # augmented, not eval views
+    assert sorted(first[1].tolist()) == sorted(second[1].tolist())
+    assert not torch.equal(first[0], second[0])  # a new epoch draws new views (and a new order)
+    torch.manual_seed(99)  # another global state: the views do not depend on it
+    again = _meta(_small_meta_set(16), **kwargs)
+    assert torch.equal(next(again)[0], first[0]) and torch.equal(next(again)[0], second[0])
+
+
+def test_train_views_do_not_depend_on_the_worker_count_and_resume_exactly():
+    run = _meta(_small_meta_set(64), batch_size=16, train_transform=RANDAUG)
+    for _ in range(5):  # epoch 1, position 1
+        next(run)
+    resumed = _meta(_small_meta_set(64), batch_size=16, train_transform=RANDAUG, num_workers=1)
+    resumed.load_state_dict(run.state_dict())
+    for _ in range(4):  # through the next epoch boundary
+        x, y = next(run)
+        xr, yr = next(resumed)
+        assert torch.equal(x, xr) and torch.equal(y, yr)
+
+
+def test_train_transform_refuses_the_settings_the_loader_owns():
+    with pytest.raises(ValueError, match=r"train_transform sets \['mean', 're_prob'\].*drop them"):
+        _meta(_small_meta_set(32), batch_size=16, train_transform={'re_prob': 0.25, 'mean': (0.5,)})
+
+
 # ------------------------------------------------------------------ check_not_validation
 
 def test_check_not_validation_refuses_the_reporting_split(tmp_path):

@@ -257,6 +257,9 @@ def test_mkd_run_strong_augmentation(mkd_run, teacher_ckpt):
     assert f"Loaded KD teacher 'resnet18' from '{teacher_ckpt}'" in result.log
     assert 'MKD: held out 40 of 400 training samples' in result.log
     assert 'MKD epoch 1: tau_t=' in result.log
+    # the calibration estimator's meta views are train.py's training augmentation, from its own flags
+    assert 'MKD: meta views with the training augmentation (' in result.log
+    assert 'auto_augment=rand-m9-mstd0.5' in result.log and 'scale=[0.08, 1.0]' in result.log
 
     steps = read_csv(outdir / 'temperatures.csv')
     # 360 training images, batch 32, drop_last: 11 updates per epoch; the warm start before update 1, then a meta
@@ -387,6 +390,7 @@ def test_deit_recipe_through_a_config_file(train_py, data_root, workdir, teacher
     ('amp_bf16', ['--amp', '--amp-dtype', 'bfloat16'], 'Using native Torch AMP'),
     ('ema', ['--model-ema', '--model-ema-decay', '0.9'], 'Test (EMA)'),
     ('accum', ['--grad-accum-steps', '2'], 'meta_steps=4 '),  # 11 batches -> 6 updates -> warm start + 3 meta steps
+    ('meta_views_eval', ['--mkd-meta-views', 'eval'], "MKD: meta views with timm's eval transform"),
 ])
 def test_train_py_features_with_mkd(train_py, data_root, workdir, teacher_ckpt, name, extra, check):
     result = ok(run_mkd(train_py, base_args(data_root, workdir / 'out', name) + mkd_flags(teacher_ckpt) + extra,

@@ -21,7 +21,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence
 
-from .config import ESTIMATORS, FD_PRECISIONS, HYPERGRAD_MODES, META_LOSSES, MKDConfig, MKDConfigError
+from .config import (
+    ESTIMATORS, FD_PRECISIONS, HYPERGRAD_MODES, META_LOSSES, META_VIEWS, MKDConfig, MKDConfigError, meta_views_for,
+)
 
 __all__ = ['MKD_DESTS', 'MKDArgumentError', 'MetaDataSpec', 'MKDOptions', 'add_mkd_args', 'parse_meta_data',
            'validate_mkd_args', 'mkd_flags_in_use', 'flag_of']
@@ -53,7 +55,7 @@ MKD_DESTS: Dict[str, Any] = {
     'mkd': False, 'teacher': None, 'teacher_checkpoint': None,
     **{dest: _DEFAULTS[name] for dest, name in CONFIG_FIELDS.items()},
     'mkd_temperatures': temperature_mode(_DEFAULTS['tie_temperatures'], _DEFAULTS['learn_tau_s']),
-    'mkd_meta_data': DEFAULT_META_DATA, 'mkd_meta_batch_size': None,
+    'mkd_meta_data': DEFAULT_META_DATA, 'mkd_meta_batch_size': None, 'mkd_meta_views': 'auto',
 }
 
 # Flags that only mean something together with --mkd.
@@ -113,6 +115,11 @@ _FLAGS = {
                       'image folder with the same classes), or train (the current training batch; biased, needs no '
                       'data)'),
     'mkd_meta_batch_size': (dict(type=int, metavar='N'), 'Meta batch size per process'),
+    'mkd_meta_views': (dict(choices=META_VIEWS),
+                       'How the held-out meta images are seen. train: with the training augmentation (--aa, --scale, '
+                       '--hflip, ...; no mixup, cutmix or random erasing), the views the KD target is computed on; '
+                       'eval: timm\'s eval transform; auto: train for the calibration estimator, eval for lookahead '
+                       '/ neumann'),
 }
 _HELP_DEFAULT = {'mkd': None, 'teacher': None, 'teacher_checkpoint': None, 'mkd_meta_batch_size': '--batch-size'}
 
@@ -214,6 +221,7 @@ class MKDOptions:
     config: MKDConfig
     meta_data: Optional[MetaDataSpec]
     meta_batch_size: Optional[int]
+    meta_views: Optional[str] = None  # 'train' or 'eval', resolved from --mkd-meta-views
 
     def __getattr__(self, name: str):
         if name in MKDConfig.field_names():
@@ -280,4 +288,10 @@ def validate_mkd_args(args: argparse.Namespace) -> Optional[MKDOptions]:
     config = _config_from(args)
     if args.mkd_meta_batch_size is not None and args.mkd_meta_batch_size < 1:
         raise MKDArgumentError(f'--mkd-meta-batch-size {args.mkd_meta_batch_size} must be >= 1')
-    return MKDOptions(True, teacher, checkpoint, config, parse_meta_data(args.mkd_meta_data), args.mkd_meta_batch_size)
+    meta_data = parse_meta_data(args.mkd_meta_data)
+    if meta_data.kind == 'train' and args.mkd_meta_views != MKD_DESTS['mkd_meta_views']:
+        raise MKDArgumentError(
+            f'--mkd-meta-views {args.mkd_meta_views} does nothing with --mkd-meta-data train (the meta batches are the '
+            f'training batches, augmented and mixed as they are); drop it or hold out meta data (--mkd-meta-data 0.05)')
+    return MKDOptions(True, teacher, checkpoint, config, meta_data, args.mkd_meta_batch_size,
+                      meta_views_for(config.estimator, args.mkd_meta_views))

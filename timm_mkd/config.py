@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any, Dict, Tuple
 
 __all__ = [
-    'ESTIMATORS', 'FD_PRECISIONS', 'HYPERGRAD_MODES', 'KD_SCALES', 'META_LOSSES', 'META_OPTIMIZERS', 'MKDConfig', 'MKDConfigError',
+    'ESTIMATORS', 'FD_PRECISIONS', 'HYPERGRAD_MODES', 'KD_SCALES', 'META_LOSSES', 'META_OPTIMIZERS', 'META_VIEWS',
+    'MKDConfig', 'MKDConfigError', 'meta_views_for',
 ]
 
 ESTIMATORS = ('lookahead', 'neumann', 'calibration')
@@ -22,6 +23,29 @@ KD_SCALES = ('student', 'product')
 META_LOSSES = ('ce', 'calibrated')
 META_OPTIMIZERS = ('adam', 'sgd')
 FD_PRECISIONS = ('auto', 'float32', 'autocast')
+#: How held-out meta images are seen: 'train' (the training augmentation, without mixup), 'eval' (timm's eval
+#: transform), or 'auto' (``meta_views_for``). A property of the meta loader, not of ``MKDConfig``.
+META_VIEWS = ('auto', 'train', 'eval')
+
+
+def meta_views_for(estimator: str, views: str = 'auto') -> str:
+    """The meta views a run uses: ``views`` unless it is ``'auto'``.
+
+    ``'auto'`` gives ``'train'`` for the ``'calibration'`` estimator and ``'eval'`` for the look-ahead ones.
+    The KD target is computed on augmented training views, where a teacher is less certain than on clean
+    images (the same teachers calibrate at 0.87-0.96 on clean held-out images, 1.5-2.0 under RandAugment), so
+    the calibration fits its temperature on those views; in the validation study (``benchmarks/results``,
+    eleventh session) that beat clean-view calibration on 5 of 6 seeds. The look-ahead estimators measure the
+    student on clean data.
+
+    Raises:
+        MKDConfigError: for a value not in ``META_VIEWS``.
+    """
+    if views not in META_VIEWS:
+        raise MKDConfigError(f"meta views '{views}' are unknown; use one of {META_VIEWS}.")
+    if views != 'auto':
+        return views
+    return 'train' if estimator == 'calibration' else 'eval'
 
 
 class MKDConfigError(ValueError):

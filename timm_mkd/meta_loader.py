@@ -1,13 +1,16 @@
-"""The meta loader: endless, per-rank sharded meta batches with eval transforms, resumable.
+"""The meta loader: endless, per-rank sharded meta batches, resumable.
 
 ``build_meta_loader`` turns a meta dataset (``timm_mkd.meta_data``: a held-out subset or another
-split) into ``MetaBatches``: timm's *eval* transforms, no mixup, a seeded per-rank shuffled shard,
-endless iteration, a private RNG (drawing meta batches never moves the training RNG stream) and a
-``state_dict`` that resumes at the next batch.
+split) into ``MetaBatches``: timm's *eval* transforms or the training augmentation (no mixup), a seeded
+per-rank shuffled shard, endless iteration, a private RNG (drawing meta batches never moves the training
+RNG stream) and a ``state_dict`` that resumes at the next batch.
 """
+import contextlib
 import itertools
+import random
 from typing import Any, Dict, Iterator, Optional, Tuple, Union
 
+import numpy as np
 import torch
 import torch.utils.data
 from torch.utils.data.distributed import DistributedSampler
@@ -18,16 +21,57 @@ __all__ = ['MetaBatches', 'build_meta_loader']
 class _ShardSampler(DistributedSampler):
     """``DistributedSampler`` that can skip the first ``skip`` indices of a pass (for resume)."""
 
-    def __init__(self, dataset, num_replicas: int, rank: int, seed: int):
+    def __init__(self, dataset, num_replicas: int, rank: int, seed: int, keyed: bool = False):
         super().__init__(
             dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
         self.skip = 0
+        self.keyed = keyed  # yield (epoch, index) keys for _SeededViews
 
-    def __iter__(self) -> Iterator[int]:
-        return itertools.islice(super().__iter__(), self.skip, None)
+    def __iter__(self) -> Iterator[Any]:
+        indices = itertools.islice(super().__iter__(), self.skip, None)
+        return ((self.epoch, i) for i in indices) if self.keyed else indices
 
     def __len__(self) -> int:
         return max(0, self.num_samples - self.skip)
+
+
+@contextlib.contextmanager
+def _private_rng(seed: int) -> Iterator[None]:
+    """Run the block with Python's, NumPy's and torch's CPU generators seeded by ``seed``, then restore them."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed % 2 ** 32)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+class _SeededViews(torch.utils.data.Dataset):
+    """A dataset whose random transform draws each sample from its own RNG, seeded by ``(seed, epoch, index)``.
+
+    timm's training transforms draw from the global generators (``random`` for RandAugment and the random
+    crop, torch for others). Without workers those draws would move the training stream; with workers they
+    would depend on the worker count. Seeding per sample makes a meta view a function of (seed, meta epoch,
+    index) alone: the same on resume, across worker counts and ranks, and the training RNG is left untouched.
+    Indexed by the ``(epoch, index)`` keys of a keyed ``_ShardSampler``.
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset, seed: int):
+        self.dataset = dataset
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: Tuple[int, int]) -> Any:
+        epoch, index = key
+        sample_seed = int(np.random.SeedSequence([self.seed, int(epoch), int(index)]).generate_state(1)[0])
+        with _private_rng(sample_seed):
+            return self.dataset[index]
 
 
 class MetaBatches:
@@ -163,14 +207,21 @@ def build_meta_loader(
         use_prefetcher: bool = False,
         img_dtype: torch.dtype = torch.float32,
         pin_memory: bool = False,
+        train_transform: Optional[Dict[str, Any]] = None,
 ) -> MetaBatches:
     """Build the endless meta-batch iterator for a meta dataset (held-out subset or split).
 
-    The meta loss measures how well the look-ahead student does on clean data, so the meta set
-    gets timm's **eval** transforms (``create_transform(..., is_training=False)``: resize, center
-    crop, normalise) and no mixup / cutmix / random erasing. Inputs are normalised exactly as
-    timm's own loaders do for the student: by the transform without the prefetcher, on device by
-    timm's ``PrefetchLoader`` with it. This function sets ``dataset.transform``.
+    Two kinds of meta views. By default (``train_transform=None``) timm's **eval** transforms
+    (``create_transform(..., is_training=False)``: resize, center crop, normalise): the look-ahead
+    estimators measure how well the student does on clean data. With ``train_transform`` the
+    training augmentation, ``create_transform(input_size, is_training=True, **train_transform)``
+    (e.g. ``{'auto_augment': 'rand-m9-mstd0.5', 'scale': (0.08, 1.0), 'hflip': 0.5}``): the
+    ``'calibration'`` estimator then fits the teacher's temperature on the kind of views its KD target
+    is computed on during training. Each sample's augmentation comes from its own RNG seeded by
+    ``(seed, meta epoch, index)`` (reproducible on resume, independent of workers and ranks). Neither
+    kind has mixup / cutmix (batch-level mixing of the training loop) or random erasing. Inputs are
+    normalised exactly as timm's own loaders do for the student: by the transform without the
+    prefetcher, on device by timm's ``PrefetchLoader`` with it. This function sets ``dataset.transform``.
 
     Each rank draws from its own shard of one seeded permutation per epoch (the shards of a pass
     are disjoint; a ``DistributedSampler`` with ``num_replicas=1`` when not distributed). The
@@ -197,6 +248,9 @@ def build_meta_loader(
             (as train.py does without ``--no-prefetcher``).
         img_dtype: Dtype of the input batches.
         pin_memory: Pin host memory (useful with the prefetcher on CUDA).
+        train_transform: keyword arguments of timm's training ``create_transform`` for augmented meta
+            views (without ``input_size``, ``is_training``, ``mean``, ``std``, ``use_prefetcher``, which this
+            function sets, and without random erasing); None: eval views.
 
     Returns:
         ``MetaBatches``: ``next()`` yields ``(input [B, C, H, W], target [B])`` on ``device``.
@@ -220,24 +274,28 @@ def build_meta_loader(
         raise ValueError(f'rank {rank} is not in [0, world_size={world_size})')
     device = torch.device(device) if device is not None else torch.device('cpu')
 
-    sampler = _ShardSampler(dataset, num_replicas=world_size, rank=rank, seed=seed)
+    if train_transform is not None:
+        clash = sorted(set(train_transform) & {'input_size', 'is_training', 'mean', 'std', 'use_prefetcher',
+                                               're_prob', 're_mode', 're_count', 're_num_splits'})
+        if clash:
+            raise ValueError(f'train_transform sets {clash}: the meta loader sets those itself (and leaves random '
+                             f'erasing out); drop them')
+    sampler = _ShardSampler(dataset, num_replicas=world_size, rank=rank, seed=seed, keyed=train_transform is not None)
     if batch_size > sampler.num_samples:
         raise ValueError(
             f'meta batch size {batch_size} is larger than the meta set ({sampler.num_samples} samples '
             f'on this rank); lower the meta batch size or use a larger holdout fraction')
 
-    dataset.transform = create_transform(
-        input_size,
-        is_training=False,
-        interpolation=interpolation,
-        mean=mean,
-        std=std,
-        crop_pct=crop_pct,
-        crop_mode=crop_mode,
-        use_prefetcher=use_prefetcher,
-    )
+    if train_transform is None:
+        dataset.transform = create_transform(
+            input_size, is_training=False, interpolation=interpolation, mean=mean, std=std,
+            crop_pct=crop_pct, crop_mode=crop_mode, use_prefetcher=use_prefetcher)
+    else:
+        dataset.transform = create_transform(
+            input_size, is_training=True, mean=mean, std=std, use_prefetcher=use_prefetcher,
+            **dict({'interpolation': interpolation}, **train_transform))
     loader = torch.utils.data.DataLoader(
-        dataset,
+        dataset if train_transform is None else _SeededViews(dataset, seed),
         batch_size=batch_size,
         sampler=sampler,
         drop_last=True,
