@@ -36,18 +36,22 @@ class _ShardSampler(DistributedSampler):
 
 
 @contextlib.contextmanager
-def _private_rng(seed: int) -> Iterator[None]:
-    """Run the block with Python's, NumPy's and torch's CPU generators seeded by ``seed``, then restore them."""
-    py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        random.seed(seed)
-        np.random.seed(seed % 2 ** 32)
-        torch.manual_seed(seed)
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
+def _global_rng_restored() -> Iterator[None]:
+    """Run the block, then put Python's, NumPy's and torch's CPU generators back as they were."""
+    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(torch_state)
+
+
+def _seed_global_rng(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's CPU generators (the ones timm's CPU transforms draw from)."""
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.default_generator.manual_seed(seed)  # not torch.manual_seed: that also seeds (lazily) every CUDA device
 
 
 class _SeededViews(torch.utils.data.Dataset):
@@ -57,7 +61,8 @@ class _SeededViews(torch.utils.data.Dataset):
     crop, torch for others). Without workers those draws would move the training stream; with workers they
     would depend on the worker count. Seeding per sample makes a meta view a function of (seed, meta epoch,
     index) alone: the same on resume, across worker counts and ranks, and the training RNG is left untouched.
-    Indexed by the ``(epoch, index)`` keys of a keyed ``_ShardSampler``.
+    Indexed by the ``(epoch, index)`` keys of a keyed ``_ShardSampler``; the DataLoader fetches a whole batch
+    through ``__getitems__``, so the global generators are saved and restored once per batch.
     """
 
     def __init__(self, dataset: torch.utils.data.Dataset, seed: int):
@@ -68,10 +73,15 @@ class _SeededViews(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key: Tuple[int, int]) -> Any:
-        epoch, index = key
-        sample_seed = int(np.random.SeedSequence([self.seed, int(epoch), int(index)]).generate_state(1)[0])
-        with _private_rng(sample_seed):
-            return self.dataset[index]
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys) -> list:
+        samples = []
+        with _global_rng_restored():
+            for epoch, index in keys:
+                _seed_global_rng(int(np.random.SeedSequence([self.seed, int(epoch), int(index)]).generate_state(1)[0]))
+                samples.append(self.dataset[index])
+        return samples
 
 
 class MetaBatches:
