@@ -358,13 +358,13 @@ def variant_name(args, sep=', '):
     import inspect
     from timm_mkd import MKDTask
     kw = mkd_kwargs(args)
-    views = getattr(args, 'meta_views', 'auto') != 'auto'
-    if not kw and not args.fixed_tau_s and args.meta_interval is None and args.meta_lr is None and not views:
+    views_given = getattr(args, 'meta_views', 'auto') != 'auto'
+    if not kw and not args.fixed_tau_s and args.meta_interval is None and args.meta_lr is None and not views_given:
         return 'defaults' if sep == ', ' else sep + 'defaults'  # the library's defaults, only the initial tau set (the issue's `defaults` rows)
     # Otherwise named in full, so rows stay comparable when the library default changes.
     for key in ('hypergrad_mode', 'meta_loss', 'tie_temperatures'):
         kw.setdefault(key, inspect.signature(MKDTask).parameters[key].default)
-    parts = (['fixed-tau-s'] if args.fixed_tau_s else []) + ([f'meta-views={args.meta_views}'] if views else []) \
+    parts = (['fixed-tau-s'] if args.fixed_tau_s else []) + ([f'meta-views={args.meta_views}'] if views_given else []) \
         + [f'{k}={v}' for k, v in sorted(kw.items())]
     return sep.join(parts) if sep == ', ' else ''.join(sep + x for x in parts)
 

@@ -302,8 +302,8 @@ def test_train_views_are_random_reproducible_and_leave_global_rng_untouched(use_
     assert torch.equal(torch.get_rng_state(), torch_state)
     assert random.getstate() == py_state
     assert np.array_equal(np.random.get_state()[1], np_state[1])
-    eval_views = {int(i): x for i, x in enumerate(next(_meta(_small_meta_set(16), batch_size=16, crop_pct=1.0))[0])}
-    assert not any(torch.equal(x, e) for x in first[0] for e in eval_views.values())  # augmented, not eval views
+    eval_views = next(_meta(_small_meta_set(16), batch_size=16, crop_pct=1.0))[0]
+    assert not any(torch.equal(x, e) for x in first[0] for e in eval_views)  # augmented, not eval views
     assert sorted(first[1].tolist()) == sorted(second[1].tolist())
     assert not torch.equal(first[0], second[0])  # a new epoch draws new views (and a new order)
     torch.manual_seed(99)  # another global state: the views do not depend on it
