@@ -1,4 +1,4 @@
-"""Diagnostic: does the initial temperature leave a trace in AdamW's state after the warm start?
+"""Diagnostic: measured whether the initial temperature leaves a trace in AdamW's state after the warm start.
 
 With the default meta step (calibration + warm start at the first meta step, update N), MKD runs from
 different initial tau hold the same temperature after update N, yet ``quality.py`` found MKD from 4 and 8
@@ -10,9 +10,9 @@ an optimiser side effect of the start, not something the meta step learned.
 For each configuration (``quality.py``'s student, teacher, data and schedule; ``--steps`` is the schedule
 length, ``--probe-steps`` how far it runs) this records, every ``--every`` updates, the temperature and the
 AdamW update size ``lr * mean |m_hat / (sqrt(v_hat) + eps)|`` and the mean preconditioner ``sqrt(v_hat)``,
-each relative to the KD-at-tau-1 run at the same update, and appends them to ``results/adam_state.csv``.
+each relative to the KD-at-tau-1 run at the same update, and appends them to ``benchmarks/results/adam_state.csv``.
 
-    python benchmarks/adam_state.py --tune --seeds 0      # ~4 minutes on 1 CPU core
+    python benchmarks/diagnostics/adam_state.py --tune --seeds 0      # ~4 minutes on 1 CPU core
 """
 import argparse
 import os
@@ -21,7 +21,7 @@ import tempfile
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/: common, quality
 import quality  # noqa: E402
 
 CONFIGS = (('kd', 1.0), ('mkd', 1.0), ('mkd', 4.0), ('mkd', 8.0))

@@ -1,4 +1,4 @@
-"""Diagnostic: noise of the default ('calibration') meta step against the meta batch size.
+"""Diagnostic: measured the calibration meta step's noise and warm-start spread against the meta batch size.
 
 The calibration estimator's hypergradient depends on the teacher and the meta batch only, not on
 the student, so its noise can be measured without training: the teacher's logits on the whole
@@ -8,10 +8,10 @@ Per meta batch size B it reports, at several temperatures, the mean, std and SNR
 d NLL / d log tau_t, and the fraction of batches whose gradient points the same way as the
 full-set gradient (how often one meta step moves tau the right way). It also reports the spread
 (std of log tau*) of the warm start's solution on W batches of B images, against the full-set
-solution. Writes ``results/calibration_noise.csv``. Uses the train split's held-out meta fraction
-only (the quality benchmark's teacher and meta set).
+solution. Writes ``benchmarks/results/calibration_noise.csv``. Uses the train split's held-out meta
+fraction only (the quality benchmark's teacher and meta set).
 
-    python benchmarks/calibration_noise.py          # ~1 minute on 1 CPU core (teacher forward on 3000 images)
+    python benchmarks/diagnostics/calibration_noise.py          # ~1 minute on 1 CPU core (teacher forward on 3000 images)
 """
 import argparse
 import csv
@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/: common, quality
 import quality  # noqa: E402
 from common import MEAN, STD  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Diagnostic: signal-to-noise ratio of MKD's one-step hypergradient on the quality benchmark's setup.
+"""Diagnostic: measured the signal-to-noise ratio of the look-ahead estimator's one-step hypergradient.
 
 Trains the quality benchmark's student with fixed-temperature KD (MKD hooks on, meta lr ~0 so
 the temperatures do not move) for ``--warm`` steps, then runs a meta step after every update
@@ -7,9 +7,9 @@ training batch (new look-ahead) and a new held-out meta batch, as the real meta 
 
 Reports per meta batch size: mean, std and SNR = |mean| / std of each component, and how many
 meta steps an average needs before its standard error falls below |mean| (~1 / SNR^2).
-Writes ``results/hypergrad_snr.csv``. Uses the train split and its held-out meta fraction only.
+Writes ``benchmarks/results/hypergrad_snr.csv``. Uses the train split and its held-out meta fraction only.
 
-    python benchmarks/hypergrad_snr.py               # ~3-5 minutes on 2 CPU cores
+    python benchmarks/diagnostics/hypergrad_snr.py               # ~3-5 minutes on 2 CPU cores
 """
 import argparse
 import os
@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/: common, quality
 import quality  # noqa: E402
 from common import MEAN, STD, make_loader  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Diagnosis of the meta step's bias: the one-step hypergradient against the long-horizon truth.
+"""Diagnostic: measured the meta step's one-step hypergradient against the true derivative at longer horizons.
 
 Validation split only (``quality.py --tune`` data: 5000 training images held out for reporting,
 the 5% meta fraction for the estimators). For one fixed-temperature KD run (tied ``tau``, timm's
@@ -18,11 +18,11 @@ the 5% meta fraction for the estimators). For one fixed-temperature KD run (tied
 A positive loss-derivative means "a higher tau is worse". The one-step estimator is unbiased for
 h = 1; the question is whether its sign survives to the end of training.
 
-Rows are appended to ``results/horizon.csv`` (and ``horizon_cnn.csv``) as they finish.
+Rows are appended to ``benchmarks/results/horizon.csv`` (and ``horizon_cnn.csv``) as they finish.
 
 Usage:
-    python benchmarks/horizon.py --tau 4 --seed 0
-    python benchmarks/horizon.py --tau 1 --seed 0 --student cnn
+    python benchmarks/diagnostics/horizon.py --tau 4 --seed 0
+    python benchmarks/diagnostics/horizon.py --tau 1 --seed 0 --student cnn
 """
 import argparse
 import copy
@@ -34,7 +34,7 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/: common, quality
 import quality  # noqa: E402
 from common import evaluate, make_loader  # noqa: E402
 
