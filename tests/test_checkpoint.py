@@ -80,3 +80,19 @@ def test_resume_from_plain_checkpoint_keeps_initial_temperatures(tmp_path):
     fresh, opt2 = _make()
     resume_task_checkpoint(fresh, str(tmp_path / 'plain.pth'), optimizer=opt2, log_info=False)
     assert fresh.temperatures() == (3.0, 5.0)
+
+
+def test_loaded_temperatures_are_projected_onto_the_bounds(caplog):
+    """A state saved at tau_t 10 resumed by a run with tau_max 4 trains at 4, and the log names the bound."""
+    torch.manual_seed(123)
+    teacher = SmallCNN(width=16, drop=0.0)
+    saved = MKDTask(SmallCNN(drop=0.0), teacher, tau_t=10.0, tau_s=1.0, tie_temperatures=False, verbose=False)
+    state = saved.get_task_state()
+    resumed = MKDTask(SmallCNN(drop=0.0), teacher, tau_t=2.0, tau_s=1.0, tau_max=4.0, tie_temperatures=False,
+                      verbose=False)
+    with caplog.at_level('WARNING', logger='timm_mkd'):
+        resumed.load_task_state(state)
+    assert resumed.temperatures() == (4.0, 1.0)
+    assert any('tau_t=10' in r.getMessage() and 'tau_max=4' in r.getMessage() for r in caplog.records), caplog.text
+    x, y = fmnist_batches(8)
+    assert float(resumed(x, y)['tau_t']) == 4.0

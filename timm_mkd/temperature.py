@@ -10,6 +10,7 @@ Why projection rather than a sigmoid squash: a squash flattens the gradient near
 so a temperature that drifts to a bound sticks there; the projection leaves the gradient
 untouched inside the bounds and simply refuses to leave them.
 """
+import logging
 import math
 from typing import Dict, Tuple
 
@@ -17,6 +18,8 @@ import torch
 import torch.nn as nn
 
 from .config import MKDConfig
+
+_logger = logging.getLogger(__name__)
 
 
 class Temperatures(nn.Module):
@@ -107,7 +110,11 @@ class Temperatures(nn.Module):
                 'meta_optimizer': self.optimizer.state_dict()}
 
     def load_state(self, state: Dict) -> None:
-        """Restore what ``state`` returned.
+        """Restore what ``state`` returned, projected onto this run's bounds.
+
+        A state saved under other bounds (a resume with a lower ``tau_max``, say) can hold temperatures outside
+        ``[tau_min, tau_max]``; they are brought inside as after a meta update (``project_``), with a warning naming
+        the bound that moved them.
 
         Raises:
             RuntimeError: when the meta-optimizer state does not fit (other learnable temperatures).
@@ -115,6 +122,15 @@ class Temperatures(nn.Module):
         with torch.no_grad():
             self.log_tau_t.copy_(state['log_tau_t'])
             self.log_tau_s.copy_(state['log_tau_s'])
+        saved = self.values()
+        self.project_()
+        for name, before, after in zip(('tau_t', 'tau_s'), saved, self.values()):
+            if after != before:
+                bound = (f'tau_max={self.tau_max:g}' if before > self.tau_max else
+                         f'tau_min={self.tau_min:g}' if before < self.tau_min else
+                         f'the bounds [{self.tau_min:g}, {self.tau_max:g}] (tied to the other temperature)')
+                _logger.warning(f"MKD: the loaded {name}={before:.6g} lies outside this run's bounds; projected "
+                                f"onto {bound}: {name}={after:.6g}")
         try:
             self.optimizer.load_state_dict(state['meta_optimizer'])
         except ValueError as e:
