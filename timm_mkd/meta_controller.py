@@ -257,16 +257,21 @@ class MetaController:
                 'meta_steps': self.meta_steps, 'meta_skipped': self.skips.skipped}
 
     def state(self) -> Dict:
-        """The counters and the meta loader's position."""
+        """The counters (the skip policy's included) and the meta loader's position."""
         return {'updates': self.updates, 'meta_steps': self.meta_steps, 'meta_skipped': self.skips.skipped,
+                'meta_skipped_in_a_row': self.skips.in_a_row,
                 # Where the meta loader stands (timm_mkd.meta_data.MetaBatches), so resume draws the next batch.
                 'meta_data': self.batches.state_dict()}
 
     def load_state(self, state: Dict) -> None:
-        """Restore what ``state`` saved (the meta loader's position once it is attached)."""
+        """Restore what ``state`` saved (the meta loader's position once it is attached).
+
+        A state saved before the skip counts were in it restores them as 0.
+        """
         self.updates = int(state['updates'])
         self.meta_steps = int(state['meta_steps'])
         self.skips.skipped = int(state.get('meta_skipped', 0))
+        self.skips.in_a_row = int(state.get('meta_skipped_in_a_row', 0))
         self._pending_meta_data_state = state.get('meta_data') or None
         self._restore_meta_data_state()
 
