@@ -1,6 +1,7 @@
 """Temperatures and meta-optimizer state through timm's CheckpointSaver and resume_task_checkpoint."""
 import argparse
 
+import pytest
 import torch
 from timm.task import resume_task_checkpoint, load_task_ema_checkpoint
 from timm.utils import CheckpointSaver
@@ -96,3 +97,35 @@ def test_loaded_temperatures_are_projected_onto_the_bounds(caplog):
     assert any('tau_t=10' in r.getMessage() and 'tau_max=4' in r.getMessage() for r in caplog.records), caplog.text
     x, y = fmnist_batches(8)
     assert float(resumed(x, y)['tau_t']) == 4.0
+
+
+def _skipping_task():
+    """A task whose every meta step is skipped: the one meta batch holds an infinite pixel in every image."""
+    torch.manual_seed(123)
+    teacher = SmallCNN(width=16, drop=0.0)
+    torch.manual_seed(0)
+    student = SmallCNN(drop=0.0)
+    task = MKDTask(student, teacher, meta_interval=1, verbose=False)
+    opt = torch.optim.SGD(student.parameters(), lr=0.05)
+    xm, ym = fmnist_batches(16, offset=4000)
+    xm = xm.clone()
+    xm[:, 0, 0, 0] = float('inf')
+    task.attach(opt, [(xm, ym)])
+    return task, opt
+
+
+def test_skips_in_a_row_travel_in_the_task_state():
+    """The skip policy's in-a-row count survives a resume, so 10 skips in a row are reported across it."""
+    task, opt = _skipping_task()
+    with pytest.warns(RuntimeWarning, match='skipped'):
+        _train(task, opt, 3, 0)
+    assert task.meta.skips.in_a_row == 4  # the warm start before the first update and 3 meta steps
+    state = task.get_task_state()
+    resumed, _ = _skipping_task()
+    resumed.load_task_state(state)
+    assert resumed.meta.skips.in_a_row == 4 and resumed.meta_skipped == 4
+
+    del state['mkd']['meta_skipped_in_a_row']  # a state saved before the count was in it
+    older, _ = _skipping_task()
+    older.load_task_state(state)
+    assert older.meta.skips.in_a_row == 0 and older.meta_skipped == 4
