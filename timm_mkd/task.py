@@ -83,6 +83,7 @@ class _MetaStepAPI:
     meta_optimizer = property(lambda self: self.tau.optimizer, doc='The optimizer of the log-temperatures.')
     tie_temperatures = property(lambda self: self.config.tied, doc='Whether the meta step ties the temperatures.')
     estimator = property(lambda self: self.config.estimator, doc="The built-in estimator's name.")
+    kd_scale = property(lambda self: self.config.kd_scale, doc="The KD loss's temperature scale (``config.kd_scale``).")
 
 
 class MKDTask(_MetaStepAPI, LogitDistillationTask):
@@ -156,7 +157,6 @@ class MKDTask(_MetaStepAPI, LogitDistillationTask):
         self.trainable_module = student_model
         self.criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
         self.task_loss_weight, self.distill_loss_weight = _resolve_loss_weights(task_loss_weight, distill_loss_weight)
-        self.kd_scale = config.kd_scale
         self.meta_autocast = meta_autocast
         self.tau = Temperatures(config, device=self.device)
         owner = weakref.ref(self)  # no task <-> controller cycle: a finished run frees the task (and DDP) at once
