@@ -12,13 +12,13 @@ from timm_mkd.meta_step import exact_hypergradient, finite_difference_hypergradi
 from small_models import SmallCNN, briefly_trained_teacher, fmnist_batches
 
 
-def _setup(opt_name: str, dtype=torch.float64, seed: int = 0):
+def _setup(opt_name: str, dtype=torch.float64, seed: int = 0, **options):
     torch.manual_seed(seed)
     student = SmallCNN(drop=0.2).to(dtype)
     teacher = SmallCNN(width=16, drop=0.0).to(dtype)
     # The look-ahead estimator: its forward keeps the RNG state the estimates replay (dropout masks).
     task = MKDTask(student, teacher, tau_t=3.0, tau_s=2.0, meta_interval=1, verbose=False, dtype=dtype,
-                   estimator='lookahead')
+                   estimator='lookahead', **options)
     if opt_name == 'sgd':
         opt = torch.optim.SGD(student.parameters(), lr=0.1)
     elif opt_name == 'momentum':
@@ -48,8 +48,7 @@ def _one_update(task, opt, x, y):
 def test_finite_difference_matches_exact_oracle(opt_name, kd_scale, mode):
     mode, _, meta_loss = mode.partition('/')
     meta_loss = meta_loss or 'ce'
-    task, opt, (x, y), (xm, ym) = _setup(opt_name)
-    task.kd_scale = kd_scale
+    task, opt, (x, y), (xm, ym) = _setup(opt_name, kd_scale=kd_scale)
     theta = _one_update(task, opt, x, y)
     student, batch = task.trainable_module, task._last_batch
     log_taus = (task.tau.log_tau_t, task.tau.log_tau_s)

@@ -47,6 +47,16 @@ def test_is_a_timm_task_with_the_promised_outputs():
     assert torch.allclose(out['loss'], out['task_loss'] + out['kd_loss'])
 
 
+def test_kd_scale_is_read_from_the_config():
+    """The task holds kd_scale in one place, its config: the loss and the estimators' loss terms follow it."""
+    task = _task(tau_t=2.0, tau_s=3.0).eval()
+    x, y = fmnist_batches(8)
+    student_scaled = task(x, y)['kd_loss']  # x tau_s^2
+    task.config = task.config.replace(kd_scale='product')
+    assert task.kd_scale == 'product' and task.loss_terms().kd_scale == 'product'
+    assert torch.allclose(task(x, y)['kd_loss'], student_scaled * (2.0 * 3.0) / 3.0 ** 2)
+
+
 def test_loss_weight_modes_follow_timm():
     assert (_task().task_loss_weight, _task().distill_loss_weight) == (1.0, 1.0)
     t = _task(task_loss_weight=0.3)
