@@ -19,7 +19,7 @@ from .estimators import LossTerms, MetaInputs
 from .meta_parts import TrainBatch, optimizer_params
 from .temperature import Temperatures
 
-_logger = logging.getLogger('timm_mkd.task')
+_logger = logging.getLogger(__name__)
 
 TRAIN_STREAM = 'train'
 """Pass as ``meta_batches`` to ``attach`` to score the look-ahead on the training batch itself.
