@@ -156,6 +156,16 @@ def test_repeated_skips_are_reported_each_time(caplog):
     assert task.temperatures() == pytest.approx((1.0, 1.0), rel=0, abs=1e-6)
 
 
+def test_meta_controller_logs_under_its_own_name(caplog):
+    xm, ym = fmnist_batches(16, offset=4000)
+    xm = xm.clone()
+    xm[:, 0, 0, 0] = float('inf')
+    with pytest.warns(RuntimeWarning), caplog.at_level('WARNING', logger='timm_mkd'):
+        _run(steps=1, meta_batches=[(xm, ym)])
+    names = {r.name for r in caplog.records if 'skipped' in r.getMessage()}
+    assert names == {'timm_mkd.meta_controller'}, names
+
+
 def test_temperatures_stay_inside_bounds():
     """A huge meta learning rate drives tau against a bound; projection keeps it there, not beyond."""
     task, _, _ = _run(steps=6, meta_lr=5.0, tau_t=4.0, tau_s=4.0, tau_min=1.0, tau_max=8.0)
