@@ -154,9 +154,12 @@ def finite_difference_hypergradient(
         meta_autocast: optional autocast context factory for the meta-batch forward/backward.
         kd_scale: the KD loss's temperature scale (``two_temperature_kd_loss``).
         mode: ``'full'`` (default) or ``'shape'``; see ``kd_term``.
-        meta_loss: ``'ce'`` (default) or ``'calibrated'``; see ``timm_mkd.loss.meta_loss_fn``.
+        meta_loss: ``'ce'`` or ``'calibrated'``; see ``timm_mkd.loss.meta_loss_fn``. This function's default is
+            ``'ce'``; ``MKDTask``'s look-ahead estimators pass ``MKDConfig.meta_loss``, ``'calibrated'`` by default.
         fd_autocast: optional autocast context factory for the two finite-difference forwards (float16: see
-            ``LOW_PRECISION_FD_EPS``); None: they run in float32.
+            ``LOW_PRECISION_FD_EPS``); None (this function's default): they run in float32. ``MKDTask``'s
+            estimators pass what ``MKDConfig.fd_precision`` picks (``'auto'``: the training autocast when it is
+            float16).
         fd_batch_size: the finite difference uses the first this many training samples (0: the whole batch).
 
     Returns:
@@ -244,7 +247,8 @@ def neumann_hypergradient(
     finite difference of two training-batch gradients (no double backward). ``terms=0, scale=1`` is
     the one-step estimator exactly. Parameters: as ``finite_difference_hypergradient``, plus the
     training ``criterion`` and ``task_weight`` (the Hessian is that of the whole training loss, on the whole
-    batch; ``fd_autocast`` and ``fd_batch_size`` apply to the final finite difference only).
+    batch; ``fd_autocast`` and ``fd_batch_size`` apply to the final finite difference only). ``meta_loss`` defaults
+    to ``'ce'`` here; ``MKDTask`` passes ``MKDConfig.meta_loss`` (``'calibrated'`` by default).
     """
     named, v, meta_loss_value = _meta_gradient(student, optimizer, theta, meta_input, meta_target, meta_autocast,
                                                meta_loss)

@@ -116,7 +116,8 @@ class MKDTask(_MetaStepAPI, LogitDistillationTask):
         student_mean: normalisation mean the student's loader applies (default: the student's pretrained_cfg).
         student_std: normalisation std the student's loader applies.
         meta_autocast: optional callable returning an autocast context for the meta-batch forward/backward.
-            The finite-difference forwards always run in float32 (their difference is tiny).
+            The look-ahead estimators' two finite-difference forwards run in the precision ``config.fd_precision``
+            picks (default ``'auto'``: this autocast when it is float16, float32 otherwise).
         hypergradient: an estimator object (``timm_mkd.estimators``) instead of the one ``config.estimator`` names.
         **options: ``MKDConfig`` fields (see its docstring for what each one means).
     """
