@@ -4,10 +4,13 @@
 and ``self.data_config`` and sets ``self.meta_dataset``.
 """
 import logging
+import os
 
 from .common import MKDSetupError
 
 _logger = logging.getLogger('train_mkd')
+
+_BY_INDEX = 'the meta loader draws its batches by index. Fix: use --mkd-meta-data folder:PATH (an image folder)'
 
 
 class DataPatches:
@@ -33,27 +36,33 @@ class DataPatches:
         meta_kw = dict(kw, is_training=False)
         for key in ('repeats', 'num_samples'):
             meta_kw.pop(key, None)
-        try:
-            if spec.kind == 'holdout':
-                meta_ds = create_dataset(*a, **meta_kw)
-                total = len(train_ds)
+        if spec.kind == 'holdout':
+            self._refuse_iterable(train_ds, 'holding out a fraction of the training split needs random access by '
+                                            'index. Fix: use --mkd-meta-data split:NAME or folder:PATH')
+            meta_ds = self._create_meta_dataset(create_dataset, a, meta_kw)
+            total = len(train_ds)
+            try:
                 train_ds, meta_ds = split_holdout(train_ds, meta_ds, spec.fraction, seed=self.args.seed)
-                if self.is_primary():
-                    _logger.info(
-                        f'MKD: held out {len(meta_ds)} of {total} training samples as meta data '
-                        f'(--mkd-meta-data {spec.fraction:g}); training on the other {len(train_ds)}')
-            elif spec.kind == 'split':
-                meta_ds = create_dataset(*a, **dict(meta_kw, split=spec.split))
-                self._check_same_classes(train_ds, meta_ds, f'split:{spec.split}')
-            else:
-                meta_kw = dict(meta_kw, root=spec.path, split='', search_split=False)
-                name = a[0] if a else meta_kw.pop('name', '')
-                if name and not str(name).lower().startswith(('folder', 'imagefolder', 'imagetar')):
-                    name = ''  # folder:PATH is an image folder whatever --dataset is
-                meta_ds = create_dataset(name, *a[1:], **meta_kw)
-                self._check_same_classes(train_ds, meta_ds, f'folder:{spec.path}')
-        except (TypeError, ValueError, FileNotFoundError, RuntimeError, AssertionError) as e:
-            raise MKDSetupError(f'--mkd-meta-data {self.args.mkd_meta_data}: {e}') from e
+            except ValueError as e:
+                raise MKDSetupError(f'--mkd-meta-data {self.args.mkd_meta_data}: {e}') from e
+            if self.is_primary():
+                _logger.info(
+                    f'MKD: held out {len(meta_ds)} of {total} training samples as meta data '
+                    f'(--mkd-meta-data {spec.fraction:g}); training on the other {len(train_ds)}')
+        elif spec.kind == 'split':
+            meta_ds = self._create_meta_dataset(create_dataset, a, dict(meta_kw, split=spec.split))
+            self._refuse_iterable(meta_ds, _BY_INDEX)
+            self._check_same_classes(train_ds, meta_ds, f'split:{spec.split}')
+        else:
+            if not os.path.isdir(spec.path):
+                raise MKDSetupError(f'--mkd-meta-data folder:{spec.path}: no such folder. Fix: point it at an image '
+                                    f'folder with one sub-folder per class, as the training data has.')
+            meta_kw = dict(meta_kw, root=spec.path, split='', search_split=False)
+            name = a[0] if a else meta_kw.pop('name', '')
+            if name and not str(name).lower().startswith(('folder', 'imagefolder', 'imagetar')):
+                name = ''  # folder:PATH is an image folder whatever --dataset is
+            meta_ds = self._create_meta_dataset(create_dataset, (name, *a[1:]), meta_kw)
+            self._check_same_classes(train_ds, meta_ds, f'folder:{spec.path}')
         if self.is_primary() and spec.kind != 'holdout':
             _logger.info(f'MKD: meta data from {spec.describe()} ({len(meta_ds)} samples)')
         # Fail now, before the model and teacher are built, rather than at the first meta step.
@@ -67,6 +76,24 @@ class DataPatches:
                 + (' (a larger --mkd-meta-data fraction).' if spec.kind == 'holdout' else '.'))
         self.meta_dataset = meta_ds
         return train_ds
+
+    def _create_meta_dataset(self, create_dataset, a, kw):
+        """timm's ``create_dataset`` for the meta set; what it raises about the data becomes an ``MKDSetupError``.
+
+        timm and torchvision report missing, empty or unreadable data as ``ValueError``, ``OSError`` or
+        ``RuntimeError`` (``Found 0 images``, ``Dataset not found``); anything else propagates with its traceback.
+        """
+        try:
+            return create_dataset(*a, **kw)
+        except (ValueError, OSError, RuntimeError) as e:
+            raise MKDSetupError(f'--mkd-meta-data {self.args.mkd_meta_data}: {type(e).__name__}: {e}') from e
+
+    def _refuse_iterable(self, dataset, why: str) -> None:
+        """An ``MKDSetupError`` for an iterable (streamed) dataset where the meta data needs a map-style one."""
+        import torch
+        if isinstance(dataset, torch.utils.data.IterableDataset):
+            raise MKDSetupError(f'--mkd-meta-data {self.args.mkd_meta_data}: {type(dataset).__name__} is an '
+                                f'iterable dataset (--dataset {getattr(self.args, "dataset", "?")}); {why}.')
 
     @staticmethod
     def _check_same_classes(train_ds, meta_ds, what: str) -> None:
@@ -111,6 +138,7 @@ class DataPatches:
                     f'--mkd-meta-data {args.mkd_meta_data}: train.py never built its training split '
                     f'through create_dataset(is_training=True); cannot build the meta data')
             return TRAIN_STREAM
+        self._refuse_iterable(self.meta_dataset, _BY_INDEX)
         dc = self.data_config
         train_transform = self._meta_train_transform() if opts.meta_views == 'train' else None
         if self.is_primary():
@@ -138,6 +166,6 @@ class DataPatches:
                 pin_memory=bool(getattr(args, 'pin_mem', False)),
                 train_transform=train_transform,
             )
-        except (ValueError, TypeError) as e:  # the core's words, in the flags
+        except ValueError as e:  # the core's words about the meta set and batch size, in the flags
             detail = str(e).replace('the meta batch size', 'the meta batch size (--mkd-meta-batch-size)')
             raise MKDSetupError(f'--mkd-meta-data {args.mkd_meta_data}: {detail}') from e

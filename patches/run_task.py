@@ -40,6 +40,7 @@ class TaskPatches:
         source = f"teacher {teacher_name!r}" + (
             f' from {self.opts.teacher_checkpoint!r}' if self.opts.teacher_checkpoint else ' with hub weights')
         what = 'MKD' if kind == 'logit' and self.opts.mkd else f'{kind} distillation'
+        from timm_mkd.teacher import TeacherLoadError
         try:
             if kind == 'logit' and self.opts.mkd:
                 from timm_mkd import MKDTask
@@ -72,7 +73,10 @@ class TaskPatches:
             match_student_normalization(task, student, mean, std)  # the loader's --mean/--std, --in-chans
             self.plain_task = task
             return cpu_ddp_safe(task)
-        except (ValueError, FileNotFoundError, OSError, RuntimeError, TypeError, KeyError) as e:
+        except (ValueError, OSError, TeacherLoadError) as e:
+            # What the teacher and the MKD options raise about the user's inputs (MKDConfigError and the
+            # checkpoint checks are ValueErrors, a missing file an OSError): one line. Anything else is a bug
+            # and keeps its traceback.
             raise MKDSetupError(f'cannot set up {what} with the {source}: {e}') from e
 
     def _resolve_data_config(self, model) -> Dict[str, Any]:

@@ -16,11 +16,27 @@ import torch
 import torch.nn as nn
 
 from timm.data.loader import adapt_to_chs
-from timm.models import clean_state_dict, create_model
+from timm.models import clean_state_dict, create_model, is_model
 from timm.task import DistillationTeacher
 from timm.utils import unwrap_model
 
 _logger = logging.getLogger(__name__)
+
+
+class TeacherLoadError(RuntimeError):
+    """A named teacher could not be created with timm's hub weights (offline, no such pretrained tag, ...)."""
+
+
+def check_teacher_name(name: str) -> None:
+    """Refuse a teacher name timm has no architecture for (``hf-hub:`` and other prefixed names pass).
+
+    Raises:
+        ValueError: naming the unknown architecture and how to list timm's names.
+    """
+    if ':' not in name and not is_model(name):
+        raise ValueError(
+            f"unknown teacher model '{name}': timm has no such architecture. Fix: pass a name from "
+            f"timm.list_models() (e.g. timm.list_models('*{name.split('.')[0][:8]}*')) as --teacher.")
 
 # Keys timm's CheckpointSaver and export helpers write, in the order timm's own
 # ``load_checkpoint(use_ema=False)`` prefers them.
@@ -169,6 +185,13 @@ def build_teacher(
 
     Returns:
         A ``DistillationTeacher`` with every parameter frozen.
+
+    Raises:
+        ValueError: an unknown teacher name, a corrupt checkpoint, or a teacher that does not fit the student
+            (class count, input channels, architecture of the checkpoint).
+        FileNotFoundError: ``checkpoint_path`` does not exist.
+        TeacherLoadError: a named teacher without ``checkpoint_path`` whose hub weights could not be loaded.
+        TypeError: ``teacher`` is none of the accepted types (a programming error).
     """
     student = unwrap_model(student_model)
     num_classes = getattr(student, 'num_classes', None)
@@ -177,6 +200,7 @@ def build_teacher(
     if isinstance(teacher, DistillationTeacher):
         wrapped = teacher
     elif isinstance(teacher, str):
+        check_teacher_name(teacher)
         if checkpoint_path:
             checkpoint = read_checkpoint(checkpoint_path)  # read once: weights and recorded normalisation
             state_dict = _state_dict_of(checkpoint, checkpoint_path)
@@ -193,7 +217,7 @@ def build_teacher(
                 wrapped = DistillationTeacher(
                     teacher, num_classes=num_classes, in_chans=in_chans, device=device, dtype=dtype)
             except (OSError, RuntimeError) as e:
-                raise RuntimeError(
+                raise TeacherLoadError(
                     f"could not create teacher '{teacher}' with pretrained hub weights ({type(e).__name__}: {e}). "
                     f"Fix: pass local weights with --teacher-checkpoint FILE (teacher_pretrained_path=FILE).") from e
     elif isinstance(teacher, nn.Module):
