@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 
 from timm_mkd import MKDTask
 
+from fmnist import fashion_mnist_root
 from small_models import SmallCNN, fmnist_batches
 
 
@@ -80,6 +81,7 @@ def _worker(rank, world_size, port, out_dir):
 
 @pytest.mark.slow
 def test_ranks_hold_identical_temperatures(tmp_path):
+    fashion_mnist_root()  # skips here: a pytest.skip inside a spawned worker is an error of mp.spawn
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f'rank{r}.json').read_text()) for r in range(2))
     assert len(r0['temps']) == 1 + 4  # the warm start before the first update, then 4 meta steps
@@ -112,3 +114,23 @@ def test_release_frees_the_task_held_by_a_finished_run():
     finally:
         gc.enable()
     assert not opt._optimizer_step_post_hooks
+
+
+_NO_FASHION_MNIST = """import timm_mkd.fashion_mnist
+timm_mkd.fashion_mnist.DEBIAN_DIR = {missing!r}
+"""
+
+
+def test_distributed_test_skips_without_fashion_mnist(tmp_path):
+    """Without Fashion-MNIST (in this process and in the workers it would spawn) the DDP test skips, not fails."""
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    (tmp_path / 'sitecustomize.py').write_text(_NO_FASHION_MNIST.format(missing=str(tmp_path / 'absent')))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), repo, os.environ.get('PYTHONPATH', '')]),
+               XDG_CACHE_HOME=str(tmp_path / 'cache'))
+    proc = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-rs', '-p', 'no:cacheprovider',
+                           'tests/test_distributed.py::test_ranks_hold_identical_temperatures'],
+                          capture_output=True, text=True, cwd=repo, env=env, timeout=300)
+    assert proc.returncode == 0 and '1 skipped' in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert 'Fashion-MNIST not found' in proc.stdout
