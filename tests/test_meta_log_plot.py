@@ -159,3 +159,45 @@ def test_cli_names_the_fix_when_matplotlib_is_missing(tmp_path):
     proc = _run_python(['-c', code])
     assert proc.returncode == 2
     assert 'pip install matplotlib' in proc.stderr
+
+
+def _written_log(path, tau_t):
+    with TemperatureLog.in_dir(str(path)) as log:
+        for i, t in enumerate(tau_t):
+            log.record({'step': 10 * i, 'tau_t': t, 'tau_s': 1.0, 'meta_loss': 1.0, 'skipped': False})
+    return os.path.join(str(path), CSV_NAME)
+
+
+def _y_axis(fig):
+    ax = fig.axes[0]
+    low, high = ax.get_ylim()
+    return ax.get_yscale(), low, high, [t.get_text() for t in ax.get_yticklabels()]
+
+
+@pytest.mark.parametrize('figure', ['run', 'trajectories'])
+def test_temperature_axis_is_logarithmic_and_spans_a_factor_two(tmp_path, figure):
+    """tau moving 1.000 -> 1.025 must not fill the plot: a log axis spanning at least x2, labelled at round values."""
+    import matplotlib.pyplot as plt
+    from timm_mkd.plot import MIN_SPAN, figure_run, figure_trajectories
+    path = _written_log(tmp_path, [1.0 + 0.025 * i / 9 for i in range(10)])
+    fig = figure_run(path) if figure == 'run' else figure_trajectories({'a': path})
+    try:
+        scale, low, high, labels = _y_axis(fig)
+    finally:
+        plt.close(fig)
+    assert scale == 'log'
+    assert high / low >= MIN_SPAN * (1 - 1e-9) and low <= 1.0 and high >= 1.025
+    assert labels and set(labels) <= {'0.5', '0.6', '0.8', '1', '1.25', '1.5', '2'}, labels
+    assert '1' in labels
+
+
+def test_temperature_axis_covers_a_wide_trajectory_with_few_round_ticks(tmp_path):
+    import matplotlib.pyplot as plt
+    from timm_mkd.plot import figure_run
+    fig = figure_run(_written_log(tmp_path, [1.0, 2.0, 5.0, 12.0, 20.0]))
+    try:
+        scale, low, high, labels = _y_axis(fig)
+    finally:
+        plt.close(fig)
+    assert scale == 'log' and low < 1.0 and high > 20.0
+    assert 2 <= len(labels) <= 8 and {'1', '2', '5', '10', '20'} <= set(labels), labels
