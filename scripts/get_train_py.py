@@ -57,7 +57,7 @@ def fetch(dest: str, adapters) -> int:
     except OSError as e:
         sys.stderr.write(
             f'quickstart: cannot download timm {release} train.py from {url} ({e}); nothing has been installed.\n'
-            f'Fix: copy that file (timm {release} train.py, sha256 {sha[:12]}...) onto this machine and run\n'
+            f'Fix: copy that file (timm {release} train.py, sha256 {sha[:12]}...) by other means and run\n'
             f'    TIMM_TRAIN_PY=/path/to/train.py bash scripts/quickstart.sh\n')
         return 1
     digest = hashlib.sha256(data).hexdigest()

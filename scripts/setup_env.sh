@@ -16,7 +16,7 @@ fi
 [ -x .venv/bin/python ] || $PY -m venv .venv
 PIP=".venv/bin/python -m pip"
 $PIP install -q --upgrade pip >/dev/null 2>&1 || true
-# torch first, pinned: on the project machines pip takes these from local disk.
+# torch first, pinned to the versions the tests run against (skipped when both already import).
 .venv/bin/python -c "import torch, torchvision" 2>/dev/null || $PIP install -q torch==2.14.1 torchvision==0.29.1
 $PIP install -q -e '.[test,plot]'
 case "${TIMM_VERSION:-}" in

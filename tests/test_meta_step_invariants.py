@@ -352,7 +352,7 @@ def test_warm_start_happens_once_and_not_again_after_resume():
 
 def test_with_a_warm_start_the_initial_temperature_does_not_change_the_run():
     """The warm start runs before the first update and copies tau_t, so MKD from tau 1, 4 and 8 trains the
-    student bit-identically (what makes issue 9's 'from any start' a property of the method, not of luck).
+    student bit-identically: the result does not depend on the initial temperature, by construction.
 
     The teacher is the briefly trained one (calibrated below 1) with tau_min below its calibrated temperature: with
     the untrained teacher or the default tau_min=1 every run is projected onto a bound (tau_max or 1), which makes

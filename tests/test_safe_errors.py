@@ -1,4 +1,4 @@
-"""Error texts never recommend unsafe loading, and each names one fix (issue 13, item 6)."""
+"""Error texts never recommend unsafe loading, and each names one fix."""
 import argparse
 import re
 

@@ -1,4 +1,4 @@
-"""The shape of the code (issue 12): file and class sizes, ``--help`` without torch, one MKDConfig, estimators."""
+"""The shape of the code: file and class sizes, ``--help`` without torch, one MKDConfig, estimators."""
 import ast
 import math
 import os

@@ -319,8 +319,8 @@ def test_resume_continues_with_saved_temperatures(mkd_run, train_py, data_root, 
 def test_resume_right_after_the_last_batch_of_a_meta_epoch(train_py, data_root, workdir, teacher_ckpt):
     """A meta set of exactly one meta batch: every checkpoint saves the position after a pass's last batch.
 
-    The resumed run used to restore that position as an empty pass, and timm's PrefetchLoader (train.py's
-    default) before 1.0.31 dies on an empty loader at the first meta step (UnboundLocalError).
+    Restored as an empty pass, that position would reach timm's PrefetchLoader (train.py's default), which before
+    1.0.31 dies on an empty loader at the first meta step (UnboundLocalError); the resumed run must start the next pass.
     """
     flags = mkd_flags(teacher_ckpt, meta='0.1', meta_bs=40)  # 40 held-out images, one meta batch of 40
     ok(run_mkd(train_py, base_args(data_root, workdir / 'out', 'meta_end') + flags, cwd=workdir))
