@@ -61,22 +61,24 @@ TRAIN_GEOMETRY = dict(interpolation='bilinear', scale=(0.8, 1.0), hflip=0.5)
 
 
 def make_loader(dataset, batch_size: int, training: bool, img_size: int = 28, aa=None, num_workers: int = 1,
-                re_prob: float = 0.0):
-    """timm's create_loader (no prefetcher, CPU) with the light geometric aug used throughout."""
+                re_prob: float = 0.0, scale=None):
+    """timm's create_loader (no prefetcher, CPU) with the light geometric aug used throughout (``scale``: another
+    random-resized-crop scale range)."""
     from timm.data import create_loader
+    geometry = dict(TRAIN_GEOMETRY, scale=tuple(scale)) if scale is not None else TRAIN_GEOMETRY
     return create_loader(
         dataset, input_size=(1, img_size, img_size), batch_size=batch_size, is_training=training,
         use_prefetcher=False, mean=MEAN, std=STD, auto_augment=aa, num_workers=num_workers,
-        crop_pct=1.0, re_prob=re_prob, persistent_workers=False, **TRAIN_GEOMETRY)
+        crop_pct=1.0, re_prob=re_prob, persistent_workers=False, **geometry)
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, loader) -> float:
-    return evaluate(model, loader)[0]
+def accuracy(model: nn.Module, loader, device='cpu') -> float:
+    return evaluate(model, loader, device)[0]
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader) -> Tuple[float, float, float]:
+def evaluate(model: nn.Module, loader, device='cpu') -> Tuple[float, float, float]:
     """(top-1, mean cross-entropy, cross-entropy at the best single logit scale) on ``loader``.
 
     The cross-entropy is what MKD's default meta step minimises; the calibrated one (``min_s CE(s z)``)
@@ -87,7 +89,7 @@ def evaluate(model: nn.Module, loader) -> Tuple[float, float, float]:
     model.eval()
     logits, targets = [], []
     for x, y in loader:
-        logits.append(model(x).float())
+        logits.append(model(x.to(device)).float().cpu())
         targets.append(y)
     model.train(was)
     z, y = torch.cat(logits), torch.cat(targets)

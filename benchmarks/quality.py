@@ -52,7 +52,7 @@ DEFAULT_WARMUP = 0.05  # warm-up fraction; schedules name any other value
 # Student training augmentation: RandAugment policy (None: none), mixup alpha, cutmix alpha, label smoothing.
 # 'strong' is the study's recipe; schedules name any other.
 AUGS = {'strong': ('rand-m9-mstd0.5', 0.8, 1.0, 0.1), 'ra': ('rand-m9-mstd0.5', 0.0, 0.0, 0.1),
-        'basic': (None, 0.0, 0.0, 0.1)}
+        'basic': (None, 0.0, 0.0, 0.1), 'heavy': ('rand-m9-mstd0.5-inc1', 0.8, 1.0, 0.1)}
 DEFAULT_AUG = 'strong'
 FIELDS = ['method', 'tau', 'seed', 'top1', 'tau_t_final', 'tau_s_final', 'meta_steps', 'meta_skipped', 'steps',
           'batch_size', 'wall_s', 'eval_split', 'meta_interval', 'meta_lr', 'schedule', 'variant', 'nll',
@@ -77,6 +77,13 @@ def parse_args(argv=None):
     p.add_argument('--aug', choices=sorted(AUGS), default=DEFAULT_AUG,
                    help="student augmentation: 'strong' RandAugment m9 + mixup 0.8 + cutmix 1.0, 'ra' RandAugment "
                         "only, 'basic' crop/flip only (label smoothing 0.1 in all)")
+    p.add_argument('--scale-min', type=float, default=TRAIN_GEOMETRY['scale'][0],
+                   help='student: lower bound of the random-resized-crop scale (0.08: DeiT-style crops)')
+    p.add_argument('--reprob', type=float, default=0.0, help='student: random erasing probability')
+    p.add_argument('--teacher-recipe', choices=('mild', 'student'), default='mild',
+                   help="mild: crops from 0.8 and flips only; student: the student's RandAugment, crop scale and "
+                        "random erasing (no mixup)")
+    p.add_argument('--device', default='cpu', help='cpu or cuda')
     p.add_argument('--depth', type=int, default=4)
     p.add_argument('--dim', type=int, default=64)
     p.add_argument('--img-size', type=int, default=28)
@@ -179,7 +186,8 @@ def get_teacher(args, teacher_train, eval_loader):
         return model.eval(), info
     torch.manual_seed(1000)
     np.random.seed(1000)
-    loader = make_loader(teacher_train, 128, training=True, img_size=args.img_size)
+    model = model.to(args.device)
+    loader = make_loader(teacher_train, 128, training=True, img_size=args.img_size, **teacher_recipe(args))
     steps = min(args.teacher_epochs * len(loader), args.teacher_steps)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
@@ -190,7 +198,7 @@ def get_teacher(args, teacher_train, eval_loader):
         for x, y in loader:
             if step >= steps:
                 break
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(model(x.to(args.device)), y.to(args.device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -198,9 +206,10 @@ def get_teacher(args, teacher_train, eval_loader):
             step += 1
             if step % 100 == 0:
                 print(f'teacher step {step}/{steps} loss {loss.item():.3f} ({time.time() - t0:.0f}s)', flush=True)
-    top1 = accuracy(model, eval_loader) if not args.tune else float('nan')
+    top1 = accuracy(model, eval_loader, args.device) if not args.tune else float("nan")
     info = {'model': args.teacher, 'epochs': args.teacher_epochs, 'steps': steps, 'top1': top1,
             'train_s': time.time() - t0, 'params_m': sum(p.numel() for p in model.parameters()) / 1e6}
+    model = model.cpu()
     torch.save(model.state_dict(), path)
     json.dump(info, open(meta, 'w'))
     args.teacher_sha = file_sha(path)
@@ -211,7 +220,30 @@ def get_teacher(args, teacher_train, eval_loader):
 def teacher_path(args):
     tune = '_noval' if getattr(args, 'tune', False) else ''  # --tune: trained without the validation images
     images = f'_n{args.teacher_images}' if getattr(args, 'teacher_images', 0) else ''
-    return os.path.join(cache_dir('bench'), f'teacher_{args.teacher}_e{args.teacher_epochs}_s{args.teacher_steps}_b128_f{args.meta_fraction}{images}{tune}.pth')
+    recipe = '' if getattr(args, 'teacher_recipe', 'mild') == 'mild' else '_' + student_recipe_name(args)
+    return os.path.join(cache_dir('bench'), f'teacher_{args.teacher}_e{args.teacher_epochs}_s{args.teacher_steps}_b128_f{args.meta_fraction}{images}{recipe}{tune}.pth')
+
+
+def student_recipe(args):
+    """``make_loader`` keywords of the student's training views (RandAugment, crop scale, random erasing)."""
+    return dict(aa=AUGS[getattr(args, 'aug', DEFAULT_AUG)][0], re_prob=getattr(args, 'reprob', 0.0),
+                scale=(getattr(args, 'scale_min', TRAIN_GEOMETRY['scale'][0]), 1.0))
+
+
+def teacher_recipe(args):
+    """``make_loader`` keywords of the teacher's training views: mild crops, or the student's recipe."""
+    return student_recipe(args) if getattr(args, 'teacher_recipe', 'mild') == 'student' else {}
+
+
+def student_recipe_name(args):
+    r = student_recipe(args)
+    return f"{r['aa'] or 'noaa'}-sc{r['scale'][0]:g}-re{r['re_prob']:g}"
+
+
+def meta_train_transform(args):
+    """The student's training views for ``build_meta_loader(train_transform=...)`` (no erasing, no mixup)."""
+    r = student_recipe(args)
+    return dict(TRAIN_GEOMETRY, auto_augment=r['aa'], scale=r['scale'])
 
 
 def file_sha(path, n=8):
@@ -241,6 +273,9 @@ def run_student(args, method, tau, seed, teacher, train_set, meta_set, eval_load
         student = cnn_student(width=args.cnn_width)
     else:
         student = vit_student(img_size=args.img_size, depth=args.depth, dim=args.dim, heads=max(1, args.dim // 32))
+    device = torch.device(getattr(args, 'device', 'cpu'))
+    student = student.to(device)
+    teacher = teacher.to(device)
     criterion = SoftTargetCrossEntropy()
     optimizer = create_optimizer_v2(student, opt='adamw', lr=args.lr, weight_decay=0.05)
     warm = max(1, int(args.warmup * args.steps))
@@ -249,7 +284,8 @@ def run_student(args, method, tau, seed, teacher, train_set, meta_set, eval_load
     task = None
     log = None
     if method == 'kd':
-        task = LogitDistillationTask(student, teacher, criterion=criterion, temperature=tau, verbose=False)
+        task = LogitDistillationTask(student, teacher, criterion=criterion, temperature=tau, verbose=False,
+                                     device=device)
     elif method == 'mkd':
         from timm_mkd.config import MKDConfig
         kw, overrides = {'tau_t': tau}, mkd_kwargs(args)
@@ -265,11 +301,10 @@ def run_student(args, method, tau, seed, teacher, train_set, meta_set, eval_load
             kw['learn_tau_s'] = False
         kw.update(overrides)
         task = MKDTask(student, teacher, criterion=criterion, student_mean=MEAN,
-                       student_std=STD, verbose=False, **kw)
+                       student_std=STD, verbose=False, device=device, **kw)
         # 'train' views: the held-out images as the student sees its training batches (without mixup).
         views = meta_views_for(task.config.estimator, getattr(args, 'meta_views', 'auto'))
-        aa = AUGS[getattr(args, 'aug', DEFAULT_AUG)][0]
-        train_transform = dict(TRAIN_GEOMETRY, auto_augment=aa) if views == 'train' else None
+        train_transform = meta_train_transform(args) if views == 'train' else None
         meta_batches = build_meta_loader(meta_set, input_size=(1, args.img_size, args.img_size),
                                          batch_size=args.meta_batch_size, mean=MEAN, std=STD, crop_pct=1.0,
                                          seed=seed, train_transform=train_transform)
@@ -291,7 +326,7 @@ def run_student(args, method, tau, seed, teacher, train_set, meta_set, eval_load
     mixup = Mixup(mixup_alpha=mix_alpha or 0.8, cutmix_alpha=cut_alpha or 1.0, label_smoothing=smoothing,
                   prob=1.0 if mix_alpha or cut_alpha else 0.0, num_classes=10)
     torch.manual_seed(seed)  # the loader's base seed (augmentation, order): identical across methods
-    loader = make_loader(train_set, args.batch_size, training=True, img_size=args.img_size, aa=aa)
+    loader = make_loader(train_set, args.batch_size, training=True, img_size=args.img_size, **student_recipe(args))
     t0 = time.time()
     step = 0
     losses = []
@@ -300,7 +335,7 @@ def run_student(args, method, tau, seed, teacher, train_set, meta_set, eval_load
         for x, y in loader:
             if step >= args.steps:
                 break
-            x, y = mixup(x, y)
+            x, y = mixup(x.to(device), y.to(device))
             if task is None:
                 loss = criterion(student(x), y)
             else:
@@ -321,7 +356,7 @@ def run_student(args, method, tau, seed, teacher, train_set, meta_set, eval_load
                 print(f'  [{method} tau {tau:g} seed {seed}] step {step}/{args.steps} loss '
                       f'{sum(losses[-100:]) / len(losses[-100:]):.3f}{extra} ({time.time() - t0:.0f}s)', flush=True)
     train_s = time.time() - t0
-    top1, nll, nll_cal = evaluate(student, eval_loader)
+    top1, nll, nll_cal = evaluate(student, eval_loader, device)
     row = dict(method=method, tau=tau, seed=seed, top1=round(100 * top1, 2), nll=round(nll, 4),
                nll_calibrated=round(nll_cal, 4), steps=step, batch_size=args.batch_size,
                wall_s=round(train_s, 1), eval_split='val' if args.tune else 'test', schedule=schedule_sig(args),
@@ -377,6 +412,12 @@ def schedule_sig(args):
     images = f'/n{args.train_images}' if getattr(args, 'train_images', 0) else ''
     warmup = f'/wu{args.warmup:g}' if getattr(args, 'warmup', DEFAULT_WARMUP) != DEFAULT_WARMUP else ''
     aug = f'/aug-{args.aug}' if getattr(args, 'aug', DEFAULT_AUG) != DEFAULT_AUG else ''
+    if getattr(args, 'scale_min', TRAIN_GEOMETRY['scale'][0]) != TRAIN_GEOMETRY['scale'][0] or getattr(args, 'reprob', 0.0):
+        aug += f'/sc{args.scale_min:g}-re{args.reprob:g}'
+    if getattr(args, 'teacher_recipe', 'mild') != 'mild':
+        aug += f'/teacher-{args.teacher_recipe}'
+    if getattr(args, 'teacher_images', 0):
+        aug += f'/teacher-n{args.teacher_images}-e{args.teacher_epochs}'
     return (f'{net}-{args.img_size}px/{args.steps}x{args.batch_size}{images}/lr{args.lr:g}{warmup}{aug}'
             f'/{args.teacher}-s{args.teacher_steps}' + (f'-{sha}' if sha else ''))
 
@@ -527,6 +568,8 @@ def plot_grouped_trajectories(traj_dir, png):
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    from timm_mkd.augment_compat import fix_posterize_zero_bits
+    fix_posterize_zero_bits()  # the -inc1 RandAugment under Pillow >= 13
     os.makedirs(RESULTS, exist_ok=True)
     if args.report:
         if args.teacher_sha is None and os.path.isfile(teacher_path(args)):

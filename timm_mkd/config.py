@@ -17,7 +17,7 @@ __all__ = [
     'MKDConfig', 'MKDConfigError', 'meta_views_for',
 ]
 
-ESTIMATORS = ('lookahead', 'neumann', 'calibration')
+ESTIMATORS = ('lookahead', 'neumann', 'calibration', 'mixture')
 HYPERGRAD_MODES = ('shape', 'full')
 KD_SCALES = ('student', 'product')
 META_LOSSES = ('ce', 'calibrated')
@@ -46,7 +46,7 @@ def meta_views_for(estimator: str, views: str = 'auto') -> str:
         raise MKDConfigError(f"meta views '{views}' are unknown; use one of {META_VIEWS}.")
     if views != 'auto':
         return views
-    return 'train' if estimator == 'calibration' else 'eval'
+    return 'train' if estimator in ('calibration', 'mixture') else 'eval'
 
 
 class MKDConfigError(ValueError):

@@ -22,13 +22,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .calibration import calibrated_log_temperature, calibration_hypergradient
+from .mixture import mixture_hypergradient, mixture_log_temperature
 from .config import MKDConfig
 from .loss import _is_soft
 from .meta_parts import HyperGradient, TrainBatch
 from .meta_step import finite_difference_hypergradient, neumann_hypergradient
 
 __all__ = ['LossTerms', 'MetaInputs', 'Estimator', 'LookaheadEstimator', 'NeumannEstimator',
-           'CalibrationEstimator', 'ESTIMATOR_TYPES', 'build_estimator', 'fd_autocast']
+           'CalibrationEstimator', 'MixtureEstimator', 'ESTIMATOR_TYPES', 'build_estimator', 'fd_autocast']
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,8 @@ class MetaInputs:
         loss: the training loss's terms.
         teacher_logits: ``fn(meta_input)``: the teacher's logits on a meta batch.
         meta_autocast: optional autocast context factory for meta-batch forwards.
+        student_probs: ``fn(meta_input)``: the student's predicted probabilities on a meta batch (eval mode, no
+            graph, nothing in the student or the RNG stream changed); None when the caller has none.
     """
     student: nn.Module
     optimizer: torch.optim.Optimizer
@@ -66,11 +69,13 @@ class MetaInputs:
     loss: LossTerms
     teacher_logits: Callable[[torch.Tensor], torch.Tensor]
     meta_autocast: Optional[Callable] = None
+    student_probs: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
 
 class Estimator:
     """Base of the built-in estimators (see the module docstring for the interface)."""
     needs_lookahead = True
+    needs_student = False  # solve() also takes student_probs= and loss= (the student's view of the meta batches)
     warm_start_batches = 0
 
     def __call__(self, inputs: MetaInputs) -> HyperGradient:
@@ -162,6 +167,46 @@ class CalibrationEstimator(Estimator):
         return HyperGradient(grad=torch.stack([log_tau, torch.zeros_like(log_tau)]), meta_loss=nll, epsilon=0.0)
 
 
+class MixtureEstimator(CalibrationEstimator):
+    """The held-out NLL of the student's effective target ``alpha q + (1 - alpha) p_t(tau_t)`` (``timm_mkd.mixture``).
+
+    ``alpha = task_weight / (task_weight + kd_weight)`` is the label's share of the training loss and ``q`` the
+    student's prediction on the meta batch, so the temperature follows the student as well as the teacher; with
+    no task term it is ``CalibrationEstimator``. Exact for the student at temperature 1 (the default).
+
+    Args:
+        config: ``warm_start_batches`` and ``calibration_smoothing`` are read.
+    """
+    needs_student = True
+
+    @staticmethod
+    def alpha(loss: LossTerms) -> float:
+        total = loss.task_weight + loss.kd_weight
+        return loss.task_weight / total if total > 0 else 0.0
+
+    def __call__(self, inputs: MetaInputs) -> HyperGradient:
+        if inputs.student_probs is None:
+            raise RuntimeError("the 'mixture' estimator needs the student's predictions on the meta batch "
+                               "(MetaInputs.student_probs); use it through MKDTask.")
+        logits = inputs.teacher_logits(inputs.meta_input)
+        return mixture_hypergradient(logits, inputs.student_probs(inputs.meta_input),
+                                     self.targets(inputs.meta_target, logits), inputs.log_taus, self.alpha(inputs.loss))
+
+    def solve(self, teacher_logits: torch.Tensor, targets: torch.Tensor, tau_min: float, tau_max: float,
+              student_probs: Optional[torch.Tensor] = None, loss: Optional[LossTerms] = None) -> HyperGradient:
+        """The exact minimiser on the given meta batches (``student_probs`` and ``loss`` are required).
+
+        Returns:
+            ``HyperGradient`` whose ``grad[0]`` is ``log tau*`` and whose ``meta_loss`` is the NLL there.
+        """
+        targets = self.targets(targets, teacher_logits)
+        alpha = self.alpha(loss)
+        log_tau = mixture_log_temperature(teacher_logits, student_probs, targets, alpha, tau_min, tau_max)
+        log_tau = log_tau.to(teacher_logits.device)
+        nll = mixture_hypergradient(teacher_logits, student_probs, targets, (log_tau, log_tau), alpha).meta_loss
+        return HyperGradient(grad=torch.stack([log_tau, torch.zeros_like(log_tau)]), meta_loss=nll, epsilon=0.0)
+
+
 def fd_autocast(precision: str, meta_autocast: Optional[Callable], device: torch.device) -> Optional[Callable]:
     """The autocast factory for the finite-difference forwards, or None for float32 (see ``MKDConfig.fd_precision``)."""
     if meta_autocast is None or precision == 'float32':
@@ -173,7 +218,8 @@ def fd_autocast(precision: str, meta_autocast: Optional[Callable], device: torch
     return meta_autocast if low else None
 
 
-ESTIMATOR_TYPES = {'lookahead': LookaheadEstimator, 'neumann': NeumannEstimator, 'calibration': CalibrationEstimator}
+ESTIMATOR_TYPES = {'lookahead': LookaheadEstimator, 'neumann': NeumannEstimator, 'calibration': CalibrationEstimator,
+                   'mixture': MixtureEstimator}
 
 
 def build_estimator(config: MKDConfig) -> Estimator:

@@ -118,9 +118,11 @@ class MetaController:
 
     def __init__(self, temperatures: Temperatures, estimator, meta_interval: int, student: Callable[[], nn.Module],
                  loss_terms: Callable[[], LossTerms], teacher_logits: Callable[[torch.Tensor], torch.Tensor],
-                 device: torch.device, verbose: bool = True):
+                 device: torch.device, verbose: bool = True,
+                 student_probs: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
         self.tau, self.estimator, self.meta_interval = temperatures, estimator, meta_interval
         self._student, self._loss_terms, self._teacher_logits = student, loss_terms, teacher_logits
+        self._student_probs = student_probs
         self.device, self.verbose = device, verbose
         # The counters travel in task_state so resume keeps the cadence.
         self.updates = 0
@@ -238,16 +240,22 @@ class MetaController:
         """The estimator's hypergradient on one meta batch (the last training batch and ``theta`` as they are)."""
         return self.estimator(MetaInputs(
             self._student(), self.optimizer, self.theta, self.last_batch, meta_input, meta_target,
-            (self.tau.log_tau_t, self.tau.log_tau_s), self._loss_terms(), self._meta_logits))
+            (self.tau.log_tau_t, self.tau.log_tau_s), self._loss_terms(), self._meta_logits,
+            student_probs=self._student_probs))
 
     def _warm_start(self, meta_input: torch.Tensor, meta_target: torch.Tensor):
         """The estimator's solution on ``warm_start_batches`` meta batches (this one and the next ones)."""
-        logits, targets = [self._meta_logits(meta_input)], [meta_target]
-        for _ in range(self.estimator.warm_start_batches - 1 if not self.batches.train_stream else 0):
-            meta_input, meta_target = self.batches.next(self.last_batch)
+        student = getattr(self.estimator, 'needs_student', False)
+        logits, targets, probs = [], [], []
+        for i in range(self.estimator.warm_start_batches if not self.batches.train_stream else 1):
+            if i:
+                meta_input, meta_target = self.batches.next(self.last_batch)
             logits.append(self._meta_logits(meta_input))
             targets.append(meta_target)
-        return self.estimator.solve(torch.cat(logits), torch.cat(targets), self.tau.tau_min, self.tau.tau_max)
+            if student:
+                probs.append(self._student_probs(meta_input))
+        extra = dict(student_probs=torch.cat(probs), loss=self._loss_terms()) if student else {}
+        return self.estimator.solve(torch.cat(logits), torch.cat(targets), self.tau.tau_min, self.tau.tau_max, **extra)
 
     def summary(self) -> Dict[str, float]:
         """Temperatures and the mean meta loss since the last call (for per-epoch summaries)."""

@@ -18,7 +18,7 @@ from .config import MKDConfig
 from .estimators import LossTerms, build_estimator
 from .loss import two_temperature_kd_loss
 from .meta_controller import TRAIN_STREAM, MetaController, check_synchronized
-from .meta_parts import TrainBatch, capture_rng_state
+from .meta_parts import TrainBatch, capture_rng_state, replay_rng
 from .teacher import build_teacher
 from .temperature import Temperatures
 
@@ -164,7 +164,8 @@ class MKDTask(_MetaStepAPI, LogitDistillationTask):
         self.meta = MetaController(
             self.tau, hypergradient or build_estimator(config), config.meta_interval,
             student=lambda: unwrap_model(owner().trainable_module), loss_terms=lambda: owner().loss_terms(),
-            teacher_logits=lambda x: owner()._meta_teacher_logits(x), device=self.device, verbose=self.verbose)
+            teacher_logits=lambda x: owner()._meta_teacher_logits(x), device=self.device, verbose=self.verbose,
+            student_probs=lambda x: owner()._meta_student_probs(x))
         if self.verbose:
             _logger.info(
                 f"MKDTask: tau_t={config.tau_t}, tau_s={config.tau_s} in [{config.tau_min}, {config.tau_max}], "
@@ -261,6 +262,20 @@ class MKDTask(_MetaStepAPI, LogitDistillationTask):
         autocast = self.meta_autocast() if self.meta_autocast is not None else contextlib.nullcontext()
         with torch.no_grad(), autocast:
             return self._teacher_logits(meta_input)
+
+    def _meta_student_probs(self, meta_input: torch.Tensor) -> torch.Tensor:
+        """The student's predicted probabilities on a meta batch: eval mode (running BN statistics, no dropout), no
+        graph, the training precision; the student's mode and the RNG stream are restored."""
+        student = unwrap_model(self.trainable_module)
+        was_training = student.training
+        autocast = self.meta_autocast() if self.meta_autocast is not None else contextlib.nullcontext()
+        try:
+            student.eval()
+            with replay_rng(None, meta_input.device), torch.no_grad(), autocast:
+                logits = student(meta_input)
+        finally:
+            student.train(was_training)
+        return torch.softmax(logits.float(), dim=-1)
 
     def loss_terms(self) -> LossTerms:
         """The training loss's terms, as the look-ahead estimators differentiate them."""

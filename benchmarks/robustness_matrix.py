@@ -1,0 +1,178 @@
+"""Robustness matrix: MKD against timm's fixed-temperature KD across teachers, students and recipes.
+
+Each *cell* is one (student, student recipe, teacher) combination of ``quality.py``'s study; in every cell
+the same seeds run KD at tau 1, 2 and 4 and MKD (library defaults, or a variant), paired by seed. The
+``teacher_tau_cal`` column is the teacher's calibrated temperature on the cell's training views of the held-out
+meta images (hard labels, no mixup): how unsure the teacher is of what the student trains on.
+
+Cells (``CELLS``):
+
+* ``vit-strong`` / ``cnn-strong``: RandAugment m9 + mixup/cutmix + label smoothing, teacher trained on mild crops;
+* ``vit-heavy-mild`` / ``cnn-heavy-mild``: a DeiT-style heavy recipe (RandAugment ``-inc1``, crops from 8%,
+  random erasing 0.25, mixup/cutmix, smoothing) with the same mild-crop teacher;
+* ``vit-heavy-own``: the heavy recipe, teacher trained on the student's own recipe (no mixup);
+* ``vit-ra-overconf``: RandAugment only, an overconfident teacher (60 epochs on 5000 images).
+
+Rows are appended to the CSV at once (a file lock lets several processes share it) and finished runs are skipped,
+so a study can run in parallel processes (``--shard K/N``) and resume.
+
+    python benchmarks/robustness_matrix.py --tune --device cuda --shard 0/8   # one of 8 processes
+    python benchmarks/robustness_matrix.py --report                           # tables, bar check and figure
+"""
+import argparse
+import csv
+import fcntl
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import quality  # noqa: E402
+from common import MEAN, STD, make_loader  # noqa: E402
+
+HEAVY = ['--aug', 'heavy', '--scale-min', '0.08', '--reprob', '0.25']
+CELLS = {
+    'vit-strong': ['--student', 'vit'],
+    'cnn-strong': ['--student', 'cnn'],
+    'vit-heavy-mild': ['--student', 'vit'] + HEAVY,
+    'cnn-heavy-mild': ['--student', 'cnn'] + HEAVY,
+    'vit-heavy-own': ['--student', 'vit'] + HEAVY + ['--teacher-recipe', 'student'],
+    'vit-ra-overconf': ['--student', 'vit', '--aug', 'ra', '--teacher-images', '5000', '--teacher-epochs', '60',
+                        '--teacher-steps', '2000'],
+}
+METHODS = ['kd:1', 'kd:2', 'kd:4', 'mkd:1']
+FIELDS = ['cell', 'method', 'tau', 'seed', 'top1', 'variant', 'tau_t_final', 'tau_s_final', 'teacher_tau_cal',
+          'split', 'teacher', 'timm_mkd_version', 'steps', 'wall_s', 'schedule']
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, 'results')
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--cells', nargs='+', default=list(CELLS), choices=list(CELLS))
+    p.add_argument('--methods', nargs='+', default=METHODS,
+                   help="kd:TAU or mkd:TAU[:KEY=VALUE,...] (MKDTask arguments; without them: library defaults)")
+    p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
+    p.add_argument('--tune', action='store_true', help='validation split (for choosing methods; never the test split)')
+    p.add_argument('--device', default='cpu')
+    p.add_argument('--steps', type=int, default=1000)
+    p.add_argument('--shard', default='0/1', help='K/N: run every N-th job starting at K (parallel processes)')
+    p.add_argument('--teachers-only', action='store_true', help='train / cache the cells\' teachers and stop')
+    p.add_argument('--csv', default=None, help='default results/robustness_matrix[_tune].csv')
+    p.add_argument('--report', action='store_true', help='tables, bar check and figure from the CSV only')
+    p.add_argument('--png', default=None)
+    args = p.parse_args(argv)
+    args.csv = args.csv or os.path.join(RESULTS, 'robustness_matrix' + ('_tune' if args.tune else '') + '.csv')
+    args.png = args.png or os.path.splitext(args.csv)[0] + '.png'
+    return args
+
+
+def cell_args(cell, args):
+    """``quality.py``'s arguments for one cell."""
+    extra = ['--tune'] if args.tune else []
+    qargs = quality.parse_args(CELLS[cell] + extra + ['--device', args.device, '--steps', str(args.steps),
+                                                      '--tag', '_matrix'])
+    qargs.traj_dir = os.path.join(os.path.splitext(args.csv)[0] + '_trajectories', cell)
+    return qargs
+
+
+def parse_method(spec):
+    """``'mkd:1:estimator=mixture,meta_lr=0.05'`` -> ``('mkd', 1.0, ['estimator=mixture', 'meta_lr=0.05'])``."""
+    parts = spec.split(':', 2)
+    return parts[0], float(parts[1]), (parts[2].split(',') if len(parts) > 2 and parts[2] else [])
+
+
+def teacher_tau_cal(qargs, teacher, meta_set) -> float:
+    """The teacher's calibrated temperature on the cell's training views of the held-out meta images."""
+    from timm_mkd.calibration import calibrated_log_temperature
+    from timm_mkd.meta_data import build_meta_loader
+    loader = build_meta_loader(meta_set, input_size=(1, qargs.img_size, qargs.img_size), batch_size=250, mean=MEAN,
+                               std=STD, crop_pct=1.0, seed=0, train_transform=quality.meta_train_transform(qargs))
+    logits, targets = [], []
+    teacher = teacher.to(qargs.device).eval()
+    with torch.no_grad():
+        for _ in range(max(1, len(meta_set) // 250)):
+            x, y = next(loader)
+            logits.append(teacher(x.to(qargs.device)).double().cpu())
+            targets.append(y.cpu())
+    return math.exp(float(calibrated_log_temperature(torch.cat(logits), torch.cat(targets), 0.05, 100.0)))
+
+
+def append_locked(path, row):
+    """Append ``row`` under an exclusive lock (several processes share one CSV); the header once."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, 'a+', newline='') as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0, os.SEEK_END)
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        if f.tell() == 0:
+            w.writeheader()
+        w.writerow({k: row.get(k, '') for k in FIELDS})
+        f.flush()
+        os.fsync(f.fileno())
+        fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def prepare_cell(cell, args):
+    """Data, cached teacher and its calibrated temperature for one cell."""
+    qargs = cell_args(cell, args)
+    train_set, meta_set, teacher_train, eval_set = quality.datasets(qargs)
+    eval_loader = make_loader(eval_set, 500, training=False, img_size=qargs.img_size)
+    test_loader = eval_loader if not qargs.tune else make_loader(
+        quality.datasets(argparse.Namespace(**{**vars(qargs), 'tune': False}))[3], 500, training=False,
+        img_size=qargs.img_size)
+    teacher, _ = quality.get_teacher(qargs, teacher_train, test_loader)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return qargs, teacher, train_set, meta_set, eval_loader, teacher_tau_cal(qargs, teacher, meta_set)
+
+
+def run(args):
+    from timm_mkd import __version__
+    from timm_mkd.augment_compat import fix_posterize_zero_bits
+    fix_posterize_zero_bits()
+    torch.set_num_threads(1)
+    done = {(r['cell'], r['method'], float(r['tau']), r['variant'], int(r['seed']))
+            for r in quality.read_rows(args.csv)}
+    k, n = (int(v) for v in args.shard.split('/'))
+    jobs = [(seed, cell, m) for seed in args.seeds for cell in args.cells for m in args.methods]
+    jobs = jobs[k::n]
+    cells = {}
+    for cell in (args.cells if args.teachers_only else sorted({c for _, c, _ in jobs})):
+        cells[cell] = prepare_cell(cell, args)
+        print(f'cell {cell}: teacher {cells[cell][0].teacher_sha}, calibrated tau on its training views '
+              f'{cells[cell][5]:.3f}', flush=True)
+    if args.teachers_only:
+        return
+    for seed, cell, spec in jobs:
+        method, tau, kw = parse_method(spec)
+        qargs, teacher, train_set, meta_set, eval_loader, tau_cal = cells[cell]
+        qargs.mkd_kw = kw
+        variant = (quality.variant_name(qargs) if method == 'mkd' else '')
+        if (cell, method, tau, variant, seed) in done:
+            continue
+        t0 = time.time()
+        row = quality.run_student(qargs, method, tau, seed, teacher, train_set, meta_set, eval_loader)
+        row.update(cell=cell, variant=variant, teacher_tau_cal=round(tau_cal, 4), split=row['eval_split'],
+                   teacher=qargs.teacher_sha, timm_mkd_version=__version__)
+        append_locked(args.csv, row)
+        print(f'DONE {cell} {spec} seed {seed}: top-1 {row["top1"]:.2f} tau_t {row["tau_t_final"]} '
+              f'({time.time() - t0:.0f}s)', flush=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.report:
+        from matrix_report import report
+        print(report(args.csv, args.png))
+        return 0
+    run(args)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
