@@ -91,16 +91,17 @@ _FLAGS = {
                       'at the batch\'s best single logit scale, blind to over- or under-confidence, so the meta step '
                       'follows ranking (top-1) rather than calibration'),
     'mkd_estimator': (dict(choices=ESTIMATORS),
-                      'How the meta step estimates the temperature gradient. calibration: the teacher\'s held-out NLL '
-                      'at its temperature (the KD target closest to the class posterior; one teacher forward per meta '
-                      'step); lookahead: the student\'s meta loss after a one-step look-ahead (drifts upward: it sees '
+                      'How the meta step estimates the temperature gradient. mixture: the held-out NLL of what the '
+                      'student trains toward, the mix of its own prediction and the teacher at tau_t weighted as the '
+                      'task and KD losses (one teacher and one student forward per meta step); calibration: the '
+                      'teacher\'s held-out NLL alone; lookahead: the student\'s meta loss after a one-step look-ahead (drifts upward: it sees '
                       'only the next step); neumann: implicit differentiation, 5 Hessian-vector products per meta step'),
     'mkd_warm_start': (dict(type=int, metavar='BATCHES'),
-                       'calibration estimator: the first meta step sets the temperature to the exact minimiser of the '
-                       'teacher\'s NLL on this many meta batches, so the start value does not matter; 0: walk from '
-                       '--mkd-tau-t'),
+                       'mixture / calibration estimators: before the first update the temperature is set to the exact '
+                       'minimiser of the meta objective on this many meta batches, so the start value does not matter; '
+                       '0: walk from --mkd-tau-t'),
     'mkd_calibration_smoothing': (dict(type=float, metavar='EPS'),
-                                  'calibration estimator: label smoothing of the held-out labels the teacher\'s NLL '
+                                  'mixture / calibration estimators: label smoothing of the held-out labels the teacher\'s NLL '
                                   'is measured against (0: hard labels)'),
     'mkd_fd_precision': (dict(choices=FD_PRECISIONS),
                          'lookahead / neumann estimators: precision of the two finite-difference forwards. auto: the '
@@ -118,8 +119,8 @@ _FLAGS = {
     'mkd_meta_views': (dict(choices=META_VIEWS),
                        'How the held-out meta images are seen. train: with the training augmentation (--aa, --scale, '
                        '--hflip, ...; no mixup, cutmix or random erasing), the views the KD target is computed on; '
-                       'eval: timm\'s eval transform; auto: train for the calibration estimator, eval for lookahead '
-                       '/ neumann'),
+                       'eval: timm\'s eval transform; auto: train for the mixture and calibration estimators, eval '
+                       'for lookahead / neumann'),
 }
 _HELP_DEFAULT = {'mkd': None, 'teacher': None, 'teacher_checkpoint': None, 'mkd_meta_batch_size': '--batch-size'}
 

@@ -31,13 +31,11 @@ META_VIEWS = ('auto', 'train', 'eval')
 def meta_views_for(estimator: str, views: str = 'auto') -> str:
     """The meta views a run uses: ``views`` unless it is ``'auto'``.
 
-    ``'auto'`` gives ``'train'`` for the ``'calibration'`` estimator and ``'eval'`` for the look-ahead ones.
-    The KD target is computed on augmented training views, where a teacher is less certain than on clean
-    images (the same teachers calibrate at 0.87-0.96 on clean held-out images, 1.4-1.6 under RandAugment), so
-    the calibration fits its temperature on those views. Measured (``benchmarks/results/README.md``, eleventh
-    and twelfth sessions): ahead of clean-view calibration on 5 of 6 validation seeds, +0.37 (ViT) and +0.19
-    (CNN) over the best fixed temperature on the test split, a tie with an overconfident teacher. The
-    look-ahead estimators measure the student on clean data.
+    ``'auto'`` gives ``'train'`` for the ``'mixture'`` and ``'calibration'`` estimators and ``'eval'`` for the
+    look-ahead ones. The KD target is computed on augmented training views, where a teacher is less certain than
+    on clean images (calibrated temperature 0.9-1.0 on clean held-out images, 1.5-1.6 under RandAugment, 2.3-2.6
+    under a DeiT-style recipe or with an overconfident teacher: ``benchmarks/results/robustness_matrix.csv``), so
+    those estimators fit the temperature on those views. The look-ahead estimators measure the student on clean data.
 
     Raises:
         MKDConfigError: for a value not in ``META_VIEWS``.
@@ -78,14 +76,15 @@ class MKDConfig:
             autocast when it is float16 (within 1% of the float32 oracle), float32 otherwise (bfloat16 is off by up
             to 12%); ``'float32'``: always float32; ``'autocast'``: always the training autocast.
         fd_batch_size: look-ahead estimators: the finite difference uses the first this many training samples
-            (0: the whole batch); fewer samples cost less and add noise (``benchmarks/hypergrad_snr.py``).
+            (0: the whole batch); fewer samples cost less and add noise (``benchmarks/diagnostics/hypergrad_snr.py``).
         kd_scale: ``'student'`` (``tau_s^2``) or ``'product'`` (``tau_t * tau_s``).
         hypergrad_mode: ``'full'`` or ``'shape'`` (look-ahead estimators).
         meta_loss: ``'calibrated'`` or ``'ce'`` (look-ahead estimators).
-        estimator: ``'calibration'``, ``'lookahead'`` or ``'neumann'``.
-        warm_start_batches: ``'calibration'`` only: meta batches the warm start solves on (0: off). With held-out
+        estimator: ``'mixture'`` (default: the held-out NLL of the student's effective target, ``timm_mkd.mixture``),
+            ``'calibration'`` (the teacher's held-out NLL alone), ``'lookahead'`` or ``'neumann'``.
+        warm_start_batches: ``'mixture'`` and ``'calibration'`` only: meta batches the warm start solves on (0: off). With held-out
             meta data it runs before the first update, so no update trains at the initial ``tau_t``.
-        calibration_smoothing: ``'calibration'`` only: label smoothing of the hard meta labels the teacher's NLL is
+        calibration_smoothing: ``'mixture'`` and ``'calibration'`` only: label smoothing of the hard meta labels the teacher's NLL is
             measured against, ``(1 - e) * one_hot + e / classes`` (0: the hard labels; soft meta targets are used as
             they are).
         neumann_terms: Hessian-vector products of the ``'neumann'`` estimator.
@@ -110,7 +109,7 @@ class MKDConfig:
     kd_scale: str = 'student'
     hypergrad_mode: str = 'full'
     meta_loss: str = 'calibrated'
-    estimator: str = 'calibration'
+    estimator: str = 'mixture'
     warm_start_batches: int = 4
     calibration_smoothing: float = 0.0
     neumann_terms: int = 5

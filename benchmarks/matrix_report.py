@@ -1,0 +1,128 @@
+"""Tables, the bar check and the figure of ``robustness_matrix.py``'s CSV.
+
+The bar, per cell: MKD's mean >= the best fixed temperature's mean - 0.5, and MKD's paired mean difference to
+KD at tau 1 (over the seeds both have) >= -0.3. MKD rows at the library defaults have ``variant == 'defaults'``;
+other variants are tabulated beside them.
+
+    python benchmarks/matrix_report.py [CSV] [PNG]
+"""
+import csv
+import os
+import statistics
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, 'results')
+
+
+def _groups(rows):
+    """``{cell: {label: {seed: row}}}``; labels ``KD 1``, ``KD 2``, ... and ``MKD (variant)``."""
+    out = {}
+    for r in rows:
+        label = f"KD {float(r['tau']):g}" if r['method'] == 'kd' else (
+            'MKD' if r['variant'] == 'defaults' else f"MKD ({r['variant']})")
+        out.setdefault(r['cell'], {}).setdefault(label, {})[int(r['seed'])] = r
+    return out
+
+
+def _ms(values):
+    if len(values) < 2:
+        return f'{values[0]:.2f}' if values else 'n/a'
+    return f'{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}'
+
+
+def cell_summary(runs):
+    """``(lines, bar)`` for one cell: a markdown table of every method and whether MKD meets the bar."""
+    top = {k: [float(r['top1']) for _, r in sorted(v.items())] for k, v in runs.items()}
+    kd = {k: statistics.mean(v) for k, v in top.items() if k.startswith('KD')}
+    lines = ['| method | n | top-1 mean ± sd | per seed | paired vs KD 1 | final tau_t |', '|---|---|---|---|---|---|']
+    bar = None
+    for k in sorted(runs, key=lambda k: (not k.startswith('KD'), k)):
+        seeds = sorted(runs[k])
+        paired = [float(runs[k][s]['top1']) - float(runs['KD 1'][s]['top1']) for s in seeds if s in runs.get('KD 1', {})]
+        taus = [float(runs[k][s]['tau_t_final']) for s in seeds] if k.startswith('MKD') else []
+        lines.append(f"| {k} | {len(seeds)} | {_ms(top[k])} | {' / '.join(f'{v:.2f}' for v in top[k])} | "
+                     f"{(f'{statistics.mean(paired):+.2f}' if paired and k != 'KD 1' else '')} | "
+                     f"{' / '.join(f'{t:.2f}' for t in taus)} |")
+    if 'MKD' in runs and kd:
+        # On the seeds every KD temperature and MKD have, so that a missing seed does not move a mean.
+        common = sorted(set.intersection(*(set(runs[k]) for k in runs if k.startswith('KD') or k == 'MKD')))
+        if common:
+            mean = {k: statistics.mean(float(runs[k][s]['top1']) for s in common)
+                    for k in runs if k.startswith('KD') or k == 'MKD'}
+            best = max((k for k in mean if k.startswith('KD')), key=mean.get)
+            gap, paired = mean['MKD'] - mean[best], mean['MKD'] - mean['KD 1']
+            bar = (gap >= -0.5, paired >= -0.3, gap, paired, best, common)
+    return lines, bar
+
+
+def report(csv_path, png_path=None):
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    groups = _groups(rows)
+    text = []
+    for cell, runs in groups.items():
+        first = next(iter(next(iter(runs.values())).values()))
+        lines, bar = cell_summary(runs)
+        verdict = 'no MKD rows' if bar is None else (
+            f"On seeds {bar[5]}: MKD - best fixed ({bar[4]}) {bar[2]:+.2f} ({'ok' if bar[0] else 'FAILS'} >= -0.5), "
+            f"MKD - KD 1 {bar[3]:+.2f} ({'ok' if bar[1] else 'FAILS'} >= -0.3)")
+        text += [f"### {cell} (teacher {first['teacher']}, calibrated tau on its training views "
+                 f"{float(first['teacher_tau_cal']):.2f}, {first['split']} split)", ''] + lines + ['', verdict, '']
+    if png_path:
+        plot(groups, csv_path, png_path)
+        text.append(f'figure: {png_path}')
+    return '\n'.join(text)
+
+
+def plot(groups, csv_path, png_path):
+    """Per cell: top-1 of KD at each tau (mean and seeds) and of MKD at its final tau_t; below, MKD's tau_t."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    from timm_mkd.plot import read_temperatures
+    cells = list(groups)
+    fig, axes = plt.subplots(2, len(cells), figsize=(3.1 * len(cells), 5.6), squeeze=False)
+    traj_root = os.path.splitext(csv_path)[0] + '_trajectories'
+    for i, cell in enumerate(cells):
+        ax, tx = axes[0][i], axes[1][i]
+        for k, runs in sorted(groups[cell].items()):
+            top = [float(r['top1']) for r in runs.values()]
+            if k.startswith('KD'):
+                tau = float(k.split()[1])
+                ax.scatter([tau] * len(top), top, color='0.6', s=10)
+                ax.errorbar(tau, statistics.mean(top), yerr=statistics.stdev(top) if len(top) > 1 else 0,
+                            fmt='o', color='k', ms=5, capsize=3, label='KD (fixed tau)' if tau == 1 else None)
+            else:
+                tau = statistics.mean(float(r['tau_t_final']) for r in runs.values())
+                colour = 'C3' if k == 'MKD' else 'C0'
+                ax.errorbar(tau, statistics.mean(top), yerr=statistics.stdev(top) if len(top) > 1 else 0, fmt='D',
+                            color=colour, ms=6, capsize=3, label='MKD (defaults)' if k == 'MKD' else 'MKD, calibration')
+        ax.set_xscale('log')
+        ax.set_xticks([1, 2, 4])
+        ax.set_xticklabels(['1', '2', '4'])
+        ax.set_title(cell, fontsize=9)
+        ax.set_xlabel('tau (MKD: final tau_t)', fontsize=8)
+        ax.grid(alpha=0.3)
+        folder = os.path.join(traj_root, cell)
+        for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+            log = read_temperatures(os.path.join(folder, name))
+            default = name.startswith('mixture')
+            tx.plot(log['step'], log['tau_t'], color='C3' if default else 'C0', lw=1.2, alpha=0.8)
+        tx.set_yscale('log')
+        tx.set_ylim(0.8, 4)
+        tx.set_yticks([1, 1.5, 2, 3, 4])
+        tx.set_yticklabels(['1', '1.5', '2', '3', '4'])
+        tx.set_xlabel('optimizer update', fontsize=8)
+        tx.grid(alpha=0.3)
+    axes[0][0].set_ylabel('top-1 (%)')
+    axes[1][0].set_ylabel('MKD tau_t (red: defaults, blue: calibration)')
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == '__main__':
+    path = sys.argv[1] if len(sys.argv) > 1 else os.path.join(RESULTS, 'robustness_matrix.csv')
+    print(report(path, sys.argv[2] if len(sys.argv) > 2 else os.path.splitext(path)[0] + '.png'))
