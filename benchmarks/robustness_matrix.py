@@ -55,7 +55,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--cells', nargs='+', default=list(CELLS), choices=list(CELLS))
     p.add_argument('--methods', nargs='+', default=METHODS,
-                   help="kd:TAU or mkd:TAU[:KEY=VALUE,...] (MKDTask arguments; without them: library defaults)")
+                   help="kd:TAU or mkd:TAU[:KEY=VALUE,...] (MKDTask arguments, or meta_views=train|eval; without them: "
+                        "library defaults)")
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     p.add_argument('--tune', action='store_true', help='validation split (for choosing methods; never the test split)')
     p.add_argument('--device', default='cpu')
@@ -151,7 +152,8 @@ def run(args):
     for seed, cell, spec in jobs:
         method, tau, kw = parse_method(spec)
         qargs, teacher, train_set, meta_set, eval_loader, tau_cal = cells[cell]
-        qargs.mkd_kw = kw
+        qargs.meta_views = next((v.split('=', 1)[1] for v in kw if v.startswith('meta_views=')), 'auto')
+        qargs.mkd_kw = [v for v in kw if not v.startswith('meta_views=')]
         variant = (quality.variant_name(qargs) if method == 'mkd' else '')
         if (cell, method, tau, variant, seed) in done:
             continue
