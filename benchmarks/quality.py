@@ -56,7 +56,7 @@ AUGS = {'strong': ('rand-m9-mstd0.5', 0.8, 1.0, 0.1), 'ra': ('rand-m9-mstd0.5', 
 DEFAULT_AUG = 'strong'
 FIELDS = ['method', 'tau', 'seed', 'top1', 'tau_t_final', 'tau_s_final', 'meta_steps', 'meta_skipped', 'steps',
           'batch_size', 'wall_s', 'eval_split', 'meta_interval', 'meta_lr', 'schedule', 'variant', 'nll',
-          'nll_calibrated']
+          'nll_calibrated', 'teacher', 'timm_mkd_version']
 CONFIGS = [('none', 0.0), ('kd', 1.0), ('kd', 2.0), ('kd', 4.0), ('kd', 8.0), ('mkd', 1.0), ('mkd', 4.0)]
 
 
@@ -261,7 +261,7 @@ def run_student(args, method, tau, seed, teacher, train_set, meta_set, eval_load
     from timm.loss import SoftTargetCrossEntropy
     from timm.optim import create_optimizer_v2
     from timm.task import LogitDistillationTask
-    from timm_mkd import MKDTask
+    from timm_mkd import MKDTask, __version__ as timm_mkd_version
     from timm_mkd.meta_data import build_meta_loader
     from timm_mkd.meta_log import TemperatureLog
 
@@ -361,7 +361,8 @@ def run_student(args, method, tau, seed, teacher, train_set, meta_set, eval_load
                nll_calibrated=round(nll_cal, 4), steps=step, batch_size=args.batch_size,
                wall_s=round(train_s, 1), eval_split='val' if args.tune else 'test', schedule=schedule_sig(args),
                tau_t_final='', tau_s_final='', meta_steps='', meta_skipped='', meta_interval='', meta_lr='',
-               variant=variant_name(args) if method == 'mkd' else '')
+               variant=variant_name(args) if method == 'mkd' else '', teacher=getattr(args, 'teacher_sha', ''),
+               timm_mkd_version=timm_mkd_version)
     if method == 'mkd':
         tt, ts = task.temperatures()
         row.update(tau_t_final=round(tt, 4), tau_s_final=round(ts, 4), meta_steps=task.meta_steps,
