@@ -153,7 +153,7 @@ def datasets(args):
         eval_set = IndexSubset(create_dataset('torch/fashion_mnist', root=root, split='train', is_training=False), val_idx)
         train_set = IndexSubset(train_full, train_idx)
         # The teacher must not have seen the validation images either: a teacher that memorised them hands the
-        # student their labels through its targets, and the sharper the target (lower tau) the more (sixth session).
+        # student their labels through its targets, and the sharper the target (lower tau) the more (measured: the leak raised low-tau rows on validation).
         teacher_idx = train_idx
     else:
         eval_set = create_dataset('torch/fashion_mnist', root=root, split='test', is_training=False)

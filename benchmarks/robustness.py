@@ -62,7 +62,7 @@ def _variant_in_name(rows, suffix):
 
 
 def bar_table(kd, mkd, study):
-    """Issue 9's bar per initial tau, as markdown lines: MKD against the best fixed tau and, paired by seed,
+    """The bar per initial tau, as markdown lines: MKD against the best fixed tau and, paired by seed,
     against fixed KD at the same tau; and whether the final tau ends nearer (in log tau) to the best fixed tau."""
     kd_by = {}
     for r in kd:
