@@ -60,18 +60,16 @@ def test_full_mkd_command_line():
     args, opts = parse(
         '--mkd', '--teacher', 'resnet18', '--mkd-tau-t', '2', '--mkd-tau-s', '3', '--mkd-tau-min', '1',
         '--mkd-tau-max', '10', '--mkd-meta-interval', '5', '--mkd-meta-lr', '0.1', '--mkd-meta-data', '0.2',
-        '--mkd-meta-batch-size', '16', '--mkd-temperatures', 'free', '--mkd-hypergrad', 'shape',
-        '--mkd-meta-loss', 'calibrated', '--mkd-estimator', 'neumann', '--mkd-warm-start', '2', '--mkd-fd-precision', 'float32',
-        '--mkd-fd-batch-size', '8', '--mkd-calibration-smoothing', '0.1', '-b', '64')
+        '--mkd-meta-batch-size', '16', '--mkd-temperatures', 'free', '--mkd-estimator', 'lookahead',
+        '--mkd-warm-start', '2', '--mkd-fd-precision', 'float32', '-b', '64')
     assert opts.mkd and opts.teacher == 'resnet18'
     assert args.kd_model_name == 'resnet18'  # --teacher switches train.py into distillation
     assert (opts.tau_t, opts.tau_s, opts.tau_min, opts.tau_max) == (2.0, 3.0, 1.0, 10.0)
     assert (opts.meta_interval, opts.meta_lr, opts.meta_batch_size) == (5, 0.1, 16)
     assert opts.meta_data == MetaDataSpec('holdout', fraction=0.2)
     assert opts.task_kwargs() == dict(tau_t=2.0, tau_s=3.0, tau_min=1.0, tau_max=10.0, meta_interval=5, meta_lr=0.1,
-                                      tie_temperatures=False, hypergrad_mode='shape', meta_loss='calibrated',
-                                      estimator='neumann', warm_start_batches=2, fd_precision='float32',
-                                      fd_batch_size=8, calibration_smoothing=0.1, learn_tau_s=True)
+                                      tie_temperatures=False, estimator='lookahead', warm_start_batches=2,
+                                      fd_precision='float32', learn_tau_s=True)
     _, teacher_only = parse('--mkd', '--teacher', 'resnet18', '--mkd-temperatures', 'teacher', '--mkd-tau-t', '4')
     assert not teacher_only.task_kwargs()['learn_tau_s'] and teacher_only.tau_s == 1.0 and teacher_only.tau_t == 4.0
 
@@ -82,8 +80,8 @@ def test_temperature_mode_flags_default_to_the_core():
     params = inspect.signature(MKDTask).parameters
     _, opts = parse('--mkd', '--teacher', 'resnet18')
     kw = opts.task_kwargs()
-    for key in ('tau_t', 'tau_s', 'tie_temperatures', 'learn_tau_s', 'hypergrad_mode', 'meta_loss', 'estimator', 'meta_interval',
-                'meta_lr', 'warm_start_batches', 'calibration_smoothing'):
+    for key in ('tau_t', 'tau_s', 'tie_temperatures', 'learn_tau_s', 'estimator', 'meta_interval', 'meta_lr',
+                'warm_start_batches', 'fd_precision'):
         assert kw[key] == params[key].default, key
     with pytest.raises(SystemExit):
         parse('--mkd', '--teacher', 'resnet18', '--mkd-temperatures', 'loose')
@@ -129,9 +127,8 @@ def test_yaml_config_sets_mkd_flags(tmp_path):
 
 
 @pytest.mark.parametrize('argv, views', [
-    ([], 'train'),  # the default estimator is 'calibration': it calibrates on the training augmentation
+    ([], 'train'),  # the default estimator is 'mixture': it fits on the training augmentation
     (['--mkd-estimator', 'lookahead'], 'eval'),
-    (['--mkd-estimator', 'neumann'], 'eval'),
     (['--mkd-estimator', 'lookahead', '--mkd-meta-views', 'train'], 'train'),
     (['--mkd-meta-views', 'eval'], 'eval'),
 ])
@@ -184,6 +181,10 @@ def test_parse_meta_data_errors(value, words):
     (['--mkd', '--teacher', 'a', '--mkd-tau-min', '0'], 'positive'),
     (['--mkd', '--teacher', 'a', '--mkd-meta-lr', '0'], '--mkd-meta-lr'),
     (['--mkd', '--teacher', 'a', '--mkd-warm-start', '-1'], '--mkd-warm-start -1'),
+    (['--mkd', '--teacher', 'a', '--mkd-temperatures', 'free'],
+     "--mkd-temperatures free would never move tau_s: the 'mixture' estimator gives tau_s no gradient"),
+    (['--mkd', '--teacher', 'a', '--mkd-temperatures', 'free', '--mkd-estimator', 'calibration'],
+     "the 'calibration' estimator gives tau_s no gradient; use --mkd-temperatures tied"),
     (['--mkd', '--teacher', 'a', '--mkd-meta-batch-size', '0'], '--mkd-meta-batch-size'),
     (['--mkd', '--teacher', 'a', '--mkd-meta-data', '1.0'], 'in (0, 1)'),
     (['--mkd', '--teacher', 'a', '--mkd-meta-data', '0'], 'in (0, 1)'),

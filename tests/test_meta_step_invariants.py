@@ -15,7 +15,7 @@ from timm_mkd import MKDTask
 from small_models import SmallCNN, briefly_trained_teacher, fmnist_batches, inside_bounds
 
 
-ESTIMATORS = ('lookahead', 'neumann', 'calibration', 'mixture')
+ESTIMATORS = ('lookahead', 'calibration', 'mixture')
 
 
 def _state(module):
@@ -56,7 +56,7 @@ def _run(steps: int = 2, meta_batches=None, teacher=None, **task_kwargs):
 def test_meta_step_changes_temperatures(estimator):
     """The temperature moves, and not merely onto a bound: the untrained teacher's calibration would clip at tau_max
     and tau 1 is the default tau_min, so the briefly trained teacher with tau_min 0.25 (measured: lookahead 1.21,
-    neumann 0.94, calibration 0.41)."""
+    calibration 0.41)."""
     task, _, _ = _run(estimator=estimator, teacher=briefly_trained_teacher(), tau_min=0.25)
     assert task.meta_steps == 2 + (estimator in ('calibration', 'mixture'))  # + its warm start before the first update
     tau_t = task.temperatures()[0]
@@ -130,7 +130,7 @@ def test_perturbed_forwards_share_dropout_masks():
 def test_non_finite_hypergradient_is_skipped_with_warning(estimator):
     xm, ym = fmnist_batches(16, offset=4000)
     xm = xm.clone()
-    # One NaN pixel poisons the student's meta forward (lookahead, neumann); the calibration estimator leaves
+    # One NaN pixel poisons the student's meta forward (lookahead); the calibration estimator leaves
     # out rows whose teacher logits are not finite, so there every row is poisoned.
     if estimator in ('calibration', 'mixture'):
         xm[:, 0, 0, 0] = float('nan')

@@ -138,8 +138,8 @@ def test_tied_temperatures_keep_their_ratio_and_move():
     task.attach(opt, [fmnist_batches(16, offset=500)])
     _train(task, opt, x, y)
     assert task.temperatures()[1] == 2.0 and _moved_inside_bounds(task, start=3.0)
-    with pytest.raises(ValueError, match='hypergrad_mode'):
-        _task(hypergrad_mode='long')
+    with pytest.raises(ValueError, match="estimator='neumann' is unknown"):
+        _task(estimator='neumann')
 
 
 def test_tied_temperatures_keep_their_ratio_at_the_bounds():
@@ -158,3 +158,28 @@ def test_tied_temperatures_keep_their_ratio_at_the_bounds():
     free = Temperatures(MKDConfig(tau_t=3.0, tau_s=2.0, tie_temperatures=False))
     free.jump_to(torch.tensor(math.log(30.0)))
     assert math.isclose(free.values()[0], 20.0, rel_tol=1e-5) and math.isclose(free.values()[1], 2.0, rel_tol=1e-6)
+
+
+def test_free_tau_s_is_refused_where_the_estimator_gives_it_no_gradient():
+    """'mixture' and 'calibration' have no tau_s gradient, so a learnable tau_s that is not tied to tau_t would never
+    move: refused at construction. The look-ahead gives tau_s its own gradient: free, both move and their ratio
+    changes."""
+    import math
+    import pytest
+    from timm_mkd.config import MKDConfig, MKDConfigError
+    for estimator in ('mixture', 'calibration'):
+        with pytest.raises(MKDConfigError, match=f"the '{estimator}' estimator gives tau_s no gradient; tie the "
+                                                 r"temperatures \(tie_temperatures=True\) or keep tau_s fixed "
+                                                 r"\(learn_tau_s=False\)"):
+            MKDConfig(estimator=estimator, learn_tau_s=True, tie_temperatures=False)
+        with pytest.raises(MKDConfigError, match=r'learn_tau_t=False .* keep tau_s fixed \(learn_tau_s=False\)'):
+            MKDConfig(estimator=estimator, learn_tau_s=True, learn_tau_t=False)
+        with pytest.raises(MKDConfigError, match='tau_s no gradient'):
+            _task(estimator=estimator, learn_tau_s=True, tie_temperatures=False)
+    task = _trained_task(tau_t=3.0, tau_s=2.0, estimator='lookahead', learn_tau_s=True, tie_temperatures=False,
+                         meta_interval=1, meta_lr=0.1)
+    opt = torch.optim.SGD(task.trainable_module.parameters(), lr=0.1)
+    task.attach(opt, [fmnist_batches(16, offset=500)])
+    _train(task, opt, *fmnist_batches(16), steps=2)
+    tau_t, tau_s = task.temperatures()
+    assert task.meta_steps == 2 and tau_t != 3.0 and tau_s != 2.0 and not math.isclose(tau_t / tau_s, 1.5, rel_tol=1e-3)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence
 
 from .config import (
-    ESTIMATORS, FD_PRECISIONS, HYPERGRAD_MODES, META_LOSSES, META_VIEWS, MKDConfig, MKDConfigError, meta_views_for,
+    ESTIMATORS, FD_PRECISIONS, META_VIEWS, TAU_T_ONLY_ESTIMATORS, MKDConfig, MKDConfigError, meta_views_for,
 )
 
 __all__ = ['MKD_DESTS', 'MKDArgumentError', 'MetaDataSpec', 'MKDOptions', 'add_mkd_args', 'parse_meta_data',
@@ -45,9 +45,7 @@ def temperature_mode(tie_temperatures: bool, learn_tau_s: bool) -> str:
 CONFIG_FIELDS = {
     'mkd_tau_t': 'tau_t', 'mkd_tau_s': 'tau_s', 'mkd_tau_min': 'tau_min', 'mkd_tau_max': 'tau_max',
     'mkd_meta_interval': 'meta_interval', 'mkd_meta_lr': 'meta_lr', 'mkd_temperatures': 'tie_temperatures',
-    'mkd_hypergrad': 'hypergrad_mode', 'mkd_meta_loss': 'meta_loss', 'mkd_estimator': 'estimator',
-    'mkd_warm_start': 'warm_start_batches', 'mkd_calibration_smoothing': 'calibration_smoothing',
-    'mkd_fd_precision': 'fd_precision', 'mkd_fd_batch_size': 'fd_batch_size',
+    'mkd_estimator': 'estimator', 'mkd_warm_start': 'warm_start_batches', 'mkd_fd_precision': 'fd_precision',
 }
 
 #: argparse ``dest`` of every flag ``add_mkd_args`` adds, with its default.
@@ -81,35 +79,23 @@ _FLAGS = {
                          'teacher: only tau_t is learned, the student temperature stays at --mkd-tau-s, so the '
                          'student matches the teacher\'s calibrated distribution at the temperature it predicts with; '
                          'tied: one meta step moves both log-temperatures together, so tau_t / tau_s keeps its '
-                         'initial value; free: each moves on its own (the one-step meta-gradient then drives tau_s '
-                         'above tau_t, which costs accuracy in benchmarks/results)'),
-    'mkd_hypergrad': (dict(choices=tuple(reversed(HYPERGRAD_MODES))),
-                      'full: the one-step meta-gradient; shape: the same with the KD push\'s size held fixed, so a '
-                      'temperature is judged by the direction of its push only'),
-    'mkd_meta_loss': (dict(choices=META_LOSSES),
-                      'Loss of the look-ahead student on the meta batch. ce: cross-entropy; calibrated: cross-entropy '
-                      'at the batch\'s best single logit scale, blind to over- or under-confidence, so the meta step '
-                      'follows ranking (top-1) rather than calibration'),
+                         'initial value; free: each moves on its own, lookahead estimator only (the others give tau_s '
+                         'no gradient; the one-step meta-gradient drives tau_s above tau_t, which costs accuracy in '
+                         'benchmarks/results)'),
     'mkd_estimator': (dict(choices=ESTIMATORS),
                       'How the meta step estimates the temperature gradient. mixture: the held-out NLL of what the '
                       'student trains toward, the mix of its own prediction and the teacher at tau_t weighted as the '
                       'task and KD losses (one teacher and one student forward per meta step); calibration: the '
-                      'teacher\'s held-out NLL alone; lookahead: the student\'s meta loss after a one-step look-ahead (drifts upward: it sees '
-                      'only the next step); neumann: implicit differentiation, 5 Hessian-vector products per meta step'),
+                      'teacher\'s held-out NLL alone; lookahead: the student\'s held-out cross-entropy at its best logit '
+                      'scale after a one-step look-ahead (drifts upward: it sees only the next step)'),
     'mkd_warm_start': (dict(type=int, metavar='BATCHES'),
                        'mixture / calibration estimators: before the first update the temperature is set to the exact '
                        'minimiser of the meta objective on this many meta batches, so the start value does not matter; '
                        '0: walk from --mkd-tau-t'),
-    'mkd_calibration_smoothing': (dict(type=float, metavar='EPS'),
-                                  'mixture / calibration estimators: label smoothing of the held-out labels the teacher\'s NLL '
-                                  'is measured against (0: hard labels)'),
     'mkd_fd_precision': (dict(choices=FD_PRECISIONS),
-                         'lookahead / neumann estimators: precision of the two finite-difference forwards. auto: the '
+                         'lookahead estimator: precision of the two finite-difference forwards. auto: the '
                          'training autocast when it is float16 (--amp), float32 under bfloat16 or without --amp; '
                          'float32; autocast'),
-    'mkd_fd_batch_size': (dict(type=int, metavar='N'),
-                          'lookahead / neumann estimators: finite difference on the first N training samples of the '
-                          'batch (0: all); cheaper, noisier'),
     'mkd_meta_data': (dict(type=str, metavar='SOURCE'),
                       'Where meta batches come from: a fraction such as 0.05 (hold out that share of the training '
                       'split; those samples leave training), split:NAME (another split of --dataset), folder:PATH (an '
@@ -120,7 +106,7 @@ _FLAGS = {
                        'How the held-out meta images are seen. train: with the training augmentation (--aa, --scale, '
                        '--hflip, ...; no mixup, cutmix or random erasing), the views the KD target is computed on; '
                        'eval: timm\'s eval transform; auto: train for the mixture and calibration estimators, eval '
-                       'for lookahead / neumann'),
+                       'for lookahead'),
 }
 _HELP_DEFAULT = {'mkd': None, 'teacher': None, 'teacher_checkpoint': None, 'mkd_meta_batch_size': '--batch-size'}
 
@@ -242,6 +228,11 @@ def mkd_flags_in_use(args: argparse.Namespace) -> Sequence[str]:
 
 
 def _config_from(args: argparse.Namespace) -> MKDConfig:
+    if args.mkd_temperatures == 'free' and args.mkd_estimator in TAU_T_ONLY_ESTIMATORS:
+        raise MKDArgumentError(
+            f"--mkd-temperatures free would never move tau_s: the '{args.mkd_estimator}' estimator gives tau_s no "
+            f"gradient; use --mkd-temperatures tied (both move together) or teacher (tau_s fixed), or "
+            f"--mkd-estimator lookahead")
     values = {name: getattr(args, dest) for dest, name in CONFIG_FIELDS.items()}
     values['tie_temperatures'], values['learn_tau_s'] = TEMPERATURE_MODES[args.mkd_temperatures]
     try:

@@ -13,14 +13,14 @@ from dataclasses import dataclass
 from typing import Any, Dict, Tuple
 
 __all__ = [
-    'ESTIMATORS', 'FD_PRECISIONS', 'HYPERGRAD_MODES', 'KD_SCALES', 'META_LOSSES', 'META_OPTIMIZERS', 'META_VIEWS',
+    'ESTIMATORS', 'FD_PRECISIONS', 'KD_SCALES', 'META_OPTIMIZERS', 'META_VIEWS', 'TAU_T_ONLY_ESTIMATORS',
     'MKDConfig', 'MKDConfigError', 'meta_views_for',
 ]
 
-ESTIMATORS = ('lookahead', 'neumann', 'calibration', 'mixture')
-HYPERGRAD_MODES = ('shape', 'full')
+ESTIMATORS = ('lookahead', 'calibration', 'mixture')
+#: Estimators whose hypergradient has no ``tau_s`` component: ``tau_s`` moves only when tied to ``tau_t``.
+TAU_T_ONLY_ESTIMATORS = ('calibration', 'mixture')
 KD_SCALES = ('student', 'product')
-META_LOSSES = ('ce', 'calibrated')
 META_OPTIMIZERS = ('adam', 'sgd')
 FD_PRECISIONS = ('auto', 'float32', 'autocast')
 #: How held-out meta images are seen: 'train' (the training augmentation, without mixup), 'eval' (timm's eval
@@ -31,11 +31,11 @@ META_VIEWS = ('auto', 'train', 'eval')
 def meta_views_for(estimator: str, views: str = 'auto') -> str:
     """The meta views a run uses: ``views`` unless it is ``'auto'``.
 
-    ``'auto'`` gives ``'train'`` for the ``'mixture'`` and ``'calibration'`` estimators and ``'eval'`` for the
-    look-ahead ones. The KD target is computed on augmented training views, where a teacher is less certain than
+    ``'auto'`` gives ``'train'`` for the ``'mixture'`` and ``'calibration'`` estimators and ``'eval'`` for
+    ``'lookahead'``. The KD target is computed on augmented training views, where a teacher is less certain than
     on clean images (calibrated temperature 0.9-1.0 on clean held-out images, 1.5-1.6 under RandAugment, 2.3-2.6
     under a DeiT-style recipe or with an overconfident teacher: ``benchmarks/results/robustness_matrix.csv``), so
-    those estimators fit the temperature on those views. The look-ahead estimators measure the student on clean data.
+    those estimators fit the temperature on those views. The look-ahead estimator measures the student on clean data.
 
     Raises:
         MKDConfigError: for a value not in ``META_VIEWS``.
@@ -66,29 +66,22 @@ class MKDConfig:
         tau_max: upper bound of both temperatures (> tau_min).
         learn_tau_t: let the meta step move ``tau_t``.
         learn_tau_s: let the meta step move ``tau_s``. Off by default: the student keeps ``tau_s`` (1), so it
-            matches the teacher's calibrated distribution at the temperature it predicts with.
+            matches the teacher's calibrated distribution at the temperature it predicts with. Untied (or with
+            ``tau_t`` fixed) only the ``'lookahead'`` estimator moves it: the others give ``tau_s`` no gradient.
         tie_temperatures: move both log-temperatures by the same amount (ignored when one is fixed).
         meta_interval: optimizer updates between meta steps (>= 1).
         meta_lr: learning rate of the meta optimizer on the log-temperatures.
         meta_optimizer: ``'adam'`` or ``'sgd'``.
         fd_eps: finite-difference step, relative to the norm of the look-ahead direction.
-        fd_precision: look-ahead estimators: precision of the two finite-difference forwards. ``'auto'``: the training
+        fd_precision: ``'lookahead'`` only: precision of the two finite-difference forwards. ``'auto'``: the training
             autocast when it is float16 (within 1% of the float32 oracle), float32 otherwise (bfloat16 is off by up
             to 12%); ``'float32'``: always float32; ``'autocast'``: always the training autocast.
-        fd_batch_size: look-ahead estimators: the finite difference uses the first this many training samples
-            (0: the whole batch); fewer samples cost less and add noise (``benchmarks/diagnostics/hypergrad_snr.py``).
         kd_scale: ``'student'`` (``tau_s^2``) or ``'product'`` (``tau_t * tau_s``).
-        hypergrad_mode: ``'full'`` or ``'shape'`` (look-ahead estimators).
-        meta_loss: ``'calibrated'`` or ``'ce'`` (look-ahead estimators).
         estimator: ``'mixture'`` (default: the held-out NLL of the student's effective target, ``timm_mkd.mixture``),
-            ``'calibration'`` (the teacher's held-out NLL alone), ``'lookahead'`` or ``'neumann'``.
+            ``'calibration'`` (the teacher's held-out NLL alone) or ``'lookahead'`` (the student's calibrated
+            cross-entropy on the meta batch after a one-step look-ahead, ``timm_mkd.meta_step``).
         warm_start_batches: ``'mixture'`` and ``'calibration'`` only: meta batches the warm start solves on (0: off). With held-out
             meta data it runs before the first update, so no update trains at the initial ``tau_t``.
-        calibration_smoothing: ``'mixture'`` and ``'calibration'`` only: label smoothing of the hard meta labels the teacher's NLL is
-            measured against, ``(1 - e) * one_hot + e / classes`` (0: the hard labels; soft meta targets are used as
-            they are).
-        neumann_terms: Hessian-vector products of the ``'neumann'`` estimator.
-        neumann_scale: step of the Neumann series relative to the look-ahead Jacobian.
 
     Raises:
         MKDConfigError: at construction, for the first unusable value.
@@ -105,15 +98,9 @@ class MKDConfig:
     meta_optimizer: str = 'adam'
     fd_eps: float = 1e-2
     fd_precision: str = 'auto'
-    fd_batch_size: int = 0
     kd_scale: str = 'student'
-    hypergrad_mode: str = 'full'
-    meta_loss: str = 'calibrated'
     estimator: str = 'mixture'
     warm_start_batches: int = 4
-    calibration_smoothing: float = 0.0
-    neumann_terms: int = 5
-    neumann_scale: float = 1.0
 
     def __post_init__(self):
         _check_count('meta_interval', self.meta_interval, 1, 'the number of optimizer updates between meta steps, '
@@ -121,23 +108,26 @@ class MKDConfig:
         _check_positive('meta_lr', self.meta_lr)
         _check_positive('fd_eps', self.fd_eps)
         self._check_temperatures()
-        for name, choices in (('kd_scale', KD_SCALES), ('hypergrad_mode', HYPERGRAD_MODES),
-                              ('meta_loss', META_LOSSES), ('estimator', ESTIMATORS),
-                              ('fd_precision', FD_PRECISIONS)):
+        for name, choices in (('kd_scale', KD_SCALES), ('estimator', ESTIMATORS), ('fd_precision', FD_PRECISIONS)):
             if getattr(self, name) not in choices:
                 raise MKDConfigError(f"{name}='{getattr(self, name)}' is unknown; use one of {choices}.")
         _check_count('warm_start_batches', self.warm_start_batches, 0, '0: no warm start, e.g. 4')
-        _check_count('fd_batch_size', self.fd_batch_size, 0, '0: the whole training batch, e.g. 32')
-        if not 0.0 <= self.calibration_smoothing < 1.0:
-            raise MKDConfigError(f"calibration_smoothing={self.calibration_smoothing} must be in [0, 1) (a label "
-                                 f"smoothing, e.g. 0.1 as train.py's --smoothing).")
         if str(self.meta_optimizer).lower() not in META_OPTIMIZERS:
             raise MKDConfigError(f"unknown meta optimizer meta_optimizer='{self.meta_optimizer}'; use 'adam' or 'sgd'.")
-        for name, kind in (('meta_interval', int), ('warm_start_batches', int), ('neumann_terms', int),
-                           ('fd_batch_size', int),
-                           ('fd_eps', float), ('neumann_scale', float), ('calibration_smoothing', float), ('tau_min', float), ('tau_max', float),
-                           ('tie_temperatures', bool), ('learn_tau_t', bool), ('learn_tau_s', bool)):
+        for name, kind in (('meta_interval', int), ('warm_start_batches', int), ('fd_eps', float), ('tau_min', float),
+                           ('tau_max', float), ('tie_temperatures', bool), ('learn_tau_t', bool), ('learn_tau_s', bool)):
             object.__setattr__(self, name, kind(getattr(self, name)))
+        self._check_tau_s_moves()
+
+    def _check_tau_s_moves(self) -> None:
+        """A learnable ``tau_s`` that the estimator would never move (no ``tau_s`` gradient, not tied) is refused."""
+        if not self.learn_tau_s or self.tied or self.estimator not in TAU_T_ONLY_ESTIMATORS:
+            return
+        why = 'tie_temperatures=False' if self.learn_tau_t else 'learn_tau_t=False'
+        fix = ('tie the temperatures (tie_temperatures=True) or keep tau_s fixed (learn_tau_s=False)' if self.learn_tau_t
+               else 'keep tau_s fixed (learn_tau_s=False)')
+        raise MKDConfigError(f"learn_tau_s=True with {why} would never move tau_s: the '{self.estimator}' estimator "
+                             f"gives tau_s no gradient; {fix}.")
 
     def _check_temperatures(self) -> None:
         values = (('tau_t', self.tau_t), ('tau_s', self.tau_s), ('tau_min', self.tau_min), ('tau_max', self.tau_max))

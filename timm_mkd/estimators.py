@@ -19,17 +19,15 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .calibration import calibrated_log_temperature, calibration_hypergradient
 from .mixture import mixture_hypergradient, mixture_log_temperature
 from .config import MKDConfig
-from .loss import _is_soft
 from .meta_parts import HyperGradient, TrainBatch
-from .meta_step import finite_difference_hypergradient, neumann_hypergradient
+from .meta_step import finite_difference_hypergradient
 
-__all__ = ['LossTerms', 'MetaInputs', 'Estimator', 'LookaheadEstimator', 'NeumannEstimator',
-           'CalibrationEstimator', 'MixtureEstimator', 'ESTIMATOR_TYPES', 'build_estimator', 'fd_autocast']
+__all__ = ['LossTerms', 'MetaInputs', 'Estimator', 'LookaheadEstimator', 'CalibrationEstimator', 'MixtureEstimator',
+           'ESTIMATOR_TYPES', 'build_estimator', 'fd_autocast']
 
 
 @dataclass(frozen=True)
@@ -87,72 +85,41 @@ class Estimator:
 
 
 class LookaheadEstimator(Estimator):
-    """The student's meta loss after a one-step look-ahead (``finite_difference_hypergradient``).
+    """The student's calibrated meta loss after a one-step look-ahead (``finite_difference_hypergradient``).
 
     Args:
-        config: ``fd_eps``, ``hypergrad_mode`` and ``meta_loss`` are read.
+        config: ``fd_eps`` and ``fd_precision`` are read.
     """
 
     def __init__(self, config: MKDConfig):
         self.fd_eps = config.fd_eps
-        self.mode = config.hypergrad_mode
-        self.meta_loss = config.meta_loss
         self.fd_precision = config.fd_precision
-        self.fd_batch_size = config.fd_batch_size
-
-    def _args(self, i: MetaInputs):
-        return (i.student, i.optimizer, i.theta, i.batch, i.meta_input, i.meta_target, i.log_taus, i.loss.kd_weight)
-
-    def _options(self, i: MetaInputs) -> dict:
-        return dict(fd_eps=self.fd_eps, meta_autocast=i.meta_autocast, kd_scale=i.loss.kd_scale, mode=self.mode,
-                    meta_loss=self.meta_loss, fd_batch_size=self.fd_batch_size,
-                    fd_autocast=fd_autocast(self.fd_precision, i.meta_autocast, i.batch.input.device))
 
     def __call__(self, inputs: MetaInputs) -> HyperGradient:
-        return finite_difference_hypergradient(*self._args(inputs), **self._options(inputs))
-
-
-class NeumannEstimator(LookaheadEstimator):
-    """Implicit differentiation with a Neumann series (``neumann_hypergradient``).
-
-    Args:
-        config: as ``LookaheadEstimator``, plus ``neumann_terms`` and ``neumann_scale``.
-    """
-
-    def __init__(self, config: MKDConfig):
-        super().__init__(config)
-        self.terms = config.neumann_terms
-        self.scale = config.neumann_scale
-
-    def __call__(self, inputs: MetaInputs) -> HyperGradient:
-        return neumann_hypergradient(*self._args(inputs), criterion=inputs.loss.criterion,
-                                     task_weight=inputs.loss.task_weight, terms=self.terms, scale=self.scale,
-                                     **self._options(inputs))
+        i = inputs
+        return finite_difference_hypergradient(
+            i.student, i.optimizer, i.theta, i.batch, i.meta_input, i.meta_target, i.log_taus, i.loss.kd_weight,
+            fd_eps=self.fd_eps, meta_autocast=i.meta_autocast, kd_scale=i.loss.kd_scale,
+            fd_autocast=fd_autocast(self.fd_precision, i.meta_autocast, i.batch.input.device))
 
 
 class CalibrationEstimator(Estimator):
     """The teacher's held-out NLL at its temperature (``calibration_hypergradient``), with a warm start.
 
+    Hard meta labels are used as they are; soft ``[B, C]`` meta targets (the training stream under mixup) as
+    probabilities.
+
     Args:
-        config: ``warm_start_batches`` and ``calibration_smoothing`` are read.
+        config: ``warm_start_batches`` is read.
     """
     needs_lookahead = False
 
     def __init__(self, config: MKDConfig):
         self.warm_start_batches = config.warm_start_batches
-        self.smoothing = config.calibration_smoothing
-
-    def targets(self, targets: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """Hard labels smoothed by ``calibration_smoothing`` (as ``[B, C]`` probabilities); soft targets as they are."""
-        if self.smoothing == 0.0 or _is_soft(targets, logits):
-            return targets
-        classes = logits.shape[-1]
-        one_hot = F.one_hot(targets, classes).to(torch.promote_types(logits.dtype, torch.float32))
-        return one_hot * (1.0 - self.smoothing) + self.smoothing / classes
 
     def __call__(self, inputs: MetaInputs) -> HyperGradient:
         logits = inputs.teacher_logits(inputs.meta_input)
-        return calibration_hypergradient(logits, self.targets(inputs.meta_target, logits), inputs.log_taus)
+        return calibration_hypergradient(logits, inputs.meta_target, inputs.log_taus)
 
     def solve(self, teacher_logits: torch.Tensor, targets: torch.Tensor, tau_min: float,
               tau_max: float) -> HyperGradient:
@@ -161,7 +128,6 @@ class CalibrationEstimator(Estimator):
         Returns:
             ``HyperGradient`` whose ``grad[0]`` is ``log tau*`` and whose ``meta_loss`` is the NLL there.
         """
-        targets = self.targets(targets, teacher_logits)
         log_tau = calibrated_log_temperature(teacher_logits, targets, tau_min, tau_max).to(teacher_logits.device)
         nll = calibration_hypergradient(teacher_logits, targets, (log_tau, log_tau)).meta_loss
         return HyperGradient(grad=torch.stack([log_tau, torch.zeros_like(log_tau)]), meta_loss=nll, epsilon=0.0)
@@ -175,7 +141,7 @@ class MixtureEstimator(CalibrationEstimator):
     no task term it is ``CalibrationEstimator``. Exact for the student at temperature 1 (the default).
 
     Args:
-        config: ``warm_start_batches`` and ``calibration_smoothing`` are read.
+        config: ``warm_start_batches`` is read.
     """
     needs_student = True
 
@@ -190,7 +156,7 @@ class MixtureEstimator(CalibrationEstimator):
                                "(MetaInputs.student_probs); use it through MKDTask.")
         logits = inputs.teacher_logits(inputs.meta_input)
         return mixture_hypergradient(logits, inputs.student_probs(inputs.meta_input),
-                                     self.targets(inputs.meta_target, logits), inputs.log_taus, self.alpha(inputs.loss))
+                                     inputs.meta_target, inputs.log_taus, self.alpha(inputs.loss))
 
     def solve(self, teacher_logits: torch.Tensor, targets: torch.Tensor, tau_min: float, tau_max: float,
               student_probs: Optional[torch.Tensor] = None, loss: Optional[LossTerms] = None) -> HyperGradient:
@@ -199,7 +165,6 @@ class MixtureEstimator(CalibrationEstimator):
         Returns:
             ``HyperGradient`` whose ``grad[0]`` is ``log tau*`` and whose ``meta_loss`` is the NLL there.
         """
-        targets = self.targets(targets, teacher_logits)
         alpha = self.alpha(loss)
         log_tau = mixture_log_temperature(teacher_logits, student_probs, targets, alpha, tau_min, tau_max)
         log_tau = log_tau.to(teacher_logits.device)
@@ -218,8 +183,7 @@ def fd_autocast(precision: str, meta_autocast: Optional[Callable], device: torch
     return meta_autocast if low else None
 
 
-ESTIMATOR_TYPES = {'lookahead': LookaheadEstimator, 'neumann': NeumannEstimator, 'calibration': CalibrationEstimator,
-                   'mixture': MixtureEstimator}
+ESTIMATOR_TYPES = {'lookahead': LookaheadEstimator, 'calibration': CalibrationEstimator, 'mixture': MixtureEstimator}
 
 
 def build_estimator(config: MKDConfig) -> Estimator:

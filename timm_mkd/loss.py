@@ -29,7 +29,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .config import KD_SCALES, META_LOSSES
+from .config import KD_SCALES
 
 
 def two_temperature_kd_loss(
@@ -76,27 +76,6 @@ def two_temperature_kd_loss(
     raise ValueError(f"unknown KD scale '{scale}'; use one of {KD_SCALES}")
 
 
-def kd_logit_grad_norm(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau_t: torch.Tensor,
-                       tau_s: torch.Tensor, scale: str = 'student') -> torch.Tensor:
-    """``|| d KD / d z_s ||`` over the whole batch, as a differentiable function of the temperatures.
-
-    This is the *strength* of the KD term: how hard it pushes the student's logits. The
-    ``'shape'`` hypergradient (``timm_mkd.meta_step``) divides the KD loss by it (value 1, so the
-    training step is unchanged), so that a temperature is judged by the direction of the push it
-    produces, not by its size. ``student_logits`` are treated as constants (a reference point).
-
-    Returns:
-        0-dim tensor in the loss's float dtype, with a graph to ``tau_t`` / ``tau_s``.
-    """
-    dtype = torch.promote_types(student_logits.dtype, torch.float32)
-    z = student_logits.detach().to(dtype).requires_grad_(True)
-    with torch.enable_grad():
-        kd = two_temperature_kd_loss(z, teacher_logits, tau_t, tau_s, scale)
-        (grad,) = torch.autograd.grad(kd, z, create_graph=True)
-    # The tiny offset keeps d/dtau finite when the KD gradient vanishes (every teacher row masked).
-    return (grad.square().sum() + 1e-30).sqrt()
-
-
 def _is_soft(target: torch.Tensor, logits: torch.Tensor) -> bool:
     """Mixup-style ``[B, C]`` probability targets, as opposed to class indices."""
     return target.dtype.is_floating_point and target.dim() == logits.dim()
@@ -128,8 +107,13 @@ def best_logit_scale(logits: torch.Tensor, target: torch.Tensor, steps: int = 12
     return log_s.exp().to(logits.dtype)
 
 
-def meta_loss_fn(logits: torch.Tensor, target: torch.Tensor, kind: str = 'ce') -> torch.Tensor:
-    """Loss of the look-ahead student on a meta batch.
+def meta_loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Loss of the look-ahead student on a meta batch: cross-entropy at the batch's best single logit scale.
+
+    ``min_s CE(s z, y)``. Its gradient (envelope theorem: the scale held at its optimum) has no component that
+    merely makes the student more or less confident, so the meta step is judged on ranking the right class first,
+    which top-1 measures, rather than on calibration. (Plain cross-entropy, measured as an option, gave
+    hypergradients of the same sign and size.)
 
     Hard integer targets are the normal case (held-out data, eval transforms, no mixup);
     float ``[B, C]`` targets (the training-stream meta source under mixup) use soft-target CE.
@@ -137,15 +121,6 @@ def meta_loss_fn(logits: torch.Tensor, target: torch.Tensor, kind: str = 'ce') -
     Args:
         logits: ``[B, C]`` student logits on the meta batch.
         target: class indices or soft ``[B, C]`` targets.
-        kind: ``'ce'``: cross-entropy. ``'calibrated'``: cross-entropy after the best single logit
-            scale for the batch, ``min_s CE(s z)``. Its gradient (envelope theorem: the scale held at
-            its optimum) has no component that merely makes the student more or less confident, so
-            the meta step is judged on ranking the right class first, which top-1 measures, rather
-            than on calibration.
     """
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    if kind == 'ce':
-        return _soft_ce(logits, target)
-    if kind == 'calibrated':
-        return _soft_ce(best_logit_scale(logits, target) * logits, target)
-    raise ValueError(f"unknown meta loss '{kind}'; use one of {META_LOSSES}")
+    return _soft_ce(best_logit_scale(logits, target) * logits, target)

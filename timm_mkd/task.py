@@ -116,7 +116,7 @@ class MKDTask(_MetaStepAPI, LogitDistillationTask):
         student_mean: normalisation mean the student's loader applies (default: the student's pretrained_cfg).
         student_std: normalisation std the student's loader applies.
         meta_autocast: optional callable returning an autocast context for the meta-batch forward/backward.
-            The look-ahead estimators' two finite-difference forwards run in the precision ``config.fd_precision``
+            The look-ahead estimator's two finite-difference forwards run in the precision ``config.fd_precision``
             picks (default ``'auto'``: this autocast when it is float16, float32 otherwise).
         hypergradient: an estimator object (``timm_mkd.estimators``) instead of the one ``config.estimator`` names.
         **options: ``MKDConfig`` fields (see its docstring for what each one means).
@@ -278,7 +278,7 @@ class MKDTask(_MetaStepAPI, LogitDistillationTask):
         return torch.softmax(logits.float(), dim=-1)
 
     def loss_terms(self) -> LossTerms:
-        """The training loss's terms, as the look-ahead estimators differentiate them."""
+        """The training loss's terms, as the look-ahead estimator differentiates them."""
         return LossTerms(self.criterion, self.task_loss_weight, self.distill_loss_weight, self.kd_scale)
 
 

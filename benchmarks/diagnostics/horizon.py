@@ -10,10 +10,11 @@ the 5% meta fraction for the estimators). For one fixed-temperature KD run (tied
   evaluated on the validation images. ``(metric(+) - metric(-)) / 2 delta`` is the finite-difference
   derivative of that metric w.r.t. ``log tau`` at horizon h. Top-1 is what the grid ranks; the
   calibrated NLL is its smooth companion.
-* **estimators**: at the same checkpoint, the meta step's hypergradient (``timm_mkd.meta_step``)
-  on ``--pairs`` (training batch, meta batch) pairs, each after one real optimizer update from the
-  checkpoint, for every estimator named in ``--estimators``; mean and standard error of the tied
-  derivative ``d L_meta / d log tau`` (sum of the two components).
+* **estimator**: at the same checkpoint, the look-ahead meta step's hypergradient
+  (``timm_mkd.meta_step.finite_difference_hypergradient``, its meta loss the cross-entropy at the batch's best
+  logit scale; rows named ``onestep:calibrated``) on ``--pairs`` (training batch, meta batch) pairs, each after
+  one real optimizer update from the checkpoint; mean and standard error of the tied derivative
+  ``d L_meta / d log tau`` (sum of the two components).
 
 A positive loss-derivative means "a higher tau is worse". The one-step estimator is unbiased for
 h = 1; the question is whether its sign survives to the end of training.
@@ -38,6 +39,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import quality  # noqa: E402
 from common import evaluate, make_loader  # noqa: E402
 
+#: The ``name`` of the estimator rows: the one-step look-ahead with the calibrated meta loss.
+ESTIMATOR = 'onestep:calibrated'
 FIELDS = ['student', 'tau', 'seed', 'checkpoint', 'kind', 'name', 'horizon', 'value', 'stderr', 'plus', 'minus',
           'delta', 'n', 'wall_s']
 
@@ -50,10 +53,8 @@ def parse_args(argv=None):
     p.add_argument('--checkpoints', type=int, nargs='+', default=[100, 400])
     p.add_argument('--horizons', nargs='+', default=['1', '10', '50', '200', 'end'])
     p.add_argument('--delta', type=float, default=0.35, help='log-tau perturbation of the two branches')
-    p.add_argument('--pairs', type=int, default=8, help='(train, meta) batch pairs per estimator')
-    p.add_argument('--estimators', nargs='+', default=['onestep:calibrated', 'onestep:ce'],
-                   help="NAME:META_LOSS[:KEY=VALUE...], e.g. onestep:calibrated neumann:calibrated:terms=5:scale=0.05")
-    p.add_argument('--no-truth', action='store_true', help='estimators only')
+    p.add_argument('--pairs', type=int, default=8, help='(train, meta) batch pairs for the estimator')
+    p.add_argument('--no-truth', action='store_true', help='the estimator only')
     p.add_argument('--threads', type=int, default=1)
     p.add_argument('--csv', default=None)
     a = p.parse_args(argv)
@@ -124,26 +125,14 @@ def restore(state, student, opt, sched):
     sched.load_state_dict(state[2])
 
 
-def estimator(spec, student, opt, theta, batch, meta_x, meta_y, tau, rng_state):
-    """d L_meta / d log tau (tied: sum of both components) by the named estimator."""
+def estimator(student, opt, theta, batch, meta_x, meta_y, tau, rng_state):
+    """d L_meta / d log tau (tied: sum of both components) by the one-step look-ahead."""
     from timm_mkd import meta_step
-    name, meta_loss, *rest = spec.split(':')
-    kw = {k: float(v) for k, v in (r.split('=') for r in rest)}
     x, y, zt = batch
     tb = meta_step.TrainBatch(x, y, zt, rng_state)
     log_tau = torch.tensor(math.log(tau))
-    if name == 'onestep':
-        hg = meta_step.finite_difference_hypergradient(student, opt, theta, tb, meta_x, meta_y, (log_tau, log_tau),
-                                                       1.0, meta_loss=meta_loss)
-        return float(hg.grad.sum())
-    if name == 'neumann':
-        from timm.loss import SoftTargetCrossEntropy
-        hg = meta_step.neumann_hypergradient(student, opt, theta, tb, meta_x, meta_y, (log_tau, log_tau), 1.0,
-                                             criterion=SoftTargetCrossEntropy(), task_weight=1.0,
-                                             terms=int(kw.get('terms', 5)), scale=kw.get('scale', 1.0),
-                                             meta_loss=meta_loss)
-        return float(hg.grad.sum())
-    raise SystemExit(f'unknown estimator {name}')
+    hg = meta_step.finite_difference_hypergradient(student, opt, theta, tb, meta_x, meta_y, (log_tau, log_tau), 1.0)
+    return float(hg.grad.sum())
 
 
 def main(argv=None):
@@ -173,21 +162,20 @@ def main(argv=None):
             train_step(student, opt, sched, data[step], a.tau, criterion)
             step += 1
         state = snapshot(student, opt, sched)
-        # Estimators: each pair takes one real update from the checkpoint, then estimates.
-        for spec in a.estimators:
-            t1 = time.time()
-            values = []
-            for m in range(a.pairs):
-                restore(state, student, opt, sched)
-                theta = {n: p.detach().clone() for n, p in student.named_parameters()}
-                rng = capture_rng_state(torch.device('cpu'))
-                train_step(student, opt, sched, data[c + m], a.tau, criterion)
-                values.append(estimator(spec, student, opt, theta, data[c + m], meta[m][0], meta[m][1], a.tau, rng))
-            mean = float(np.mean(values))
-            se = float(np.std(values, ddof=1) / math.sqrt(len(values)))
-            append(a.csv, dict(base, checkpoint=c, kind='estimator', name=spec, value=mean, stderr=se, n=len(values),
-                               wall_s=round(time.time() - t1, 1)))
-            print(f'[tau {a.tau:g} seed {a.seed} ckpt {c}] {spec}: dL/dlogtau {mean:+.4g} ± {se:.2g}', flush=True)
+        # Estimator: each pair takes one real update from the checkpoint, then estimates.
+        t1 = time.time()
+        values = []
+        for m in range(a.pairs):
+            restore(state, student, opt, sched)
+            theta = {n: p.detach().clone() for n, p in student.named_parameters()}
+            rng = capture_rng_state(torch.device('cpu'))
+            train_step(student, opt, sched, data[c + m], a.tau, criterion)
+            values.append(estimator(student, opt, theta, data[c + m], meta[m][0], meta[m][1], a.tau, rng))
+        mean = float(np.mean(values))
+        se = float(np.std(values, ddof=1) / math.sqrt(len(values)))
+        append(a.csv, dict(base, checkpoint=c, kind='estimator', name=ESTIMATOR, value=mean, stderr=se,
+                           n=len(values), wall_s=round(time.time() - t1, 1)))
+        print(f'[tau {a.tau:g} seed {a.seed} ckpt {c}] {ESTIMATOR}: dL/dlogtau {mean:+.4g} ± {se:.2g}', flush=True)
         if a.no_truth:
             restore(state, student, opt, sched)
             continue
