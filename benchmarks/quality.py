@@ -111,7 +111,7 @@ def parse_args(argv=None):
                         "for the estimator (train for calibration). Recorded in 'variant' when set")
     p.add_argument('--fixed-tau-s', action='store_true', help='MKD learns tau_t only (tau_s stays at its initial value)')
     p.add_argument('--mkd-kw', nargs='+', default=[], metavar='KEY=VALUE',
-                   help="more MKDTask arguments, e.g. hypergrad_mode=full meta_optimizer=sgd (recorded in 'variant')")
+                   help="more MKDTask arguments, e.g. estimator=calibration meta_optimizer=sgd (recorded in 'variant')")
     p.add_argument('--threads', type=int, default=1, help='torch threads (1: on a shared 2-core machine, 2 threads oversubscribe and run ~10x slower)')
     p.add_argument('--csv', default=None, help='output CSV (default results/quality.csv, quality_quick.csv, quality_tune.csv)')
     p.add_argument('--tag', default='', help='suffix for the CSV / trajectory folder names')
@@ -396,10 +396,11 @@ def variant_name(args, sep=', '):
     kw = mkd_kwargs(args)
     views_given = getattr(args, 'meta_views', 'auto') != 'auto'
     if not kw and not args.fixed_tau_s and args.meta_interval is None and args.meta_lr is None and not views_given:
-        return 'defaults' if sep == ', ' else sep + 'defaults'  # the library's defaults, only the initial tau set (the issue's `defaults` rows)
+        return 'defaults' if sep == ', ' else sep + 'defaults'  # the library's defaults, only the initial tau set
     # Otherwise named in full, so rows stay comparable when the library default changes.
-    for key in ('hypergrad_mode', 'meta_loss', 'tie_temperatures'):
-        kw.setdefault(key, inspect.signature(MKDTask).parameters[key].default)
+    params = inspect.signature(MKDTask).parameters
+    for key in ('tie_temperatures',):
+        kw.setdefault(key, params[key].default if key in params else None)
     parts = (['fixed-tau-s'] if args.fixed_tau_s else []) + ([f'meta-views={args.meta_views}'] if views_given else []) \
         + [f'{k}={v}' for k, v in sorted(kw.items())]
     return sep.join(parts) if sep == ', ' else ''.join(sep + x for x in parts)
