@@ -78,6 +78,7 @@ def report(csv_path, png_path=None):
 def plot(groups, csv_path, png_path):
     """Per cell: top-1 of KD at each tau (mean and seeds) and of MKD at its final tau_t; below, MKD's tau_t."""
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     from timm_mkd.plot import read_temperatures
@@ -99,6 +100,7 @@ def plot(groups, csv_path, png_path):
                 ax.errorbar(tau, statistics.mean(top), yerr=statistics.stdev(top) if len(top) > 1 else 0, fmt='D',
                             color=colour, ms=6, capsize=3, label='MKD (defaults)' if k == 'MKD' else 'MKD, calibration')
         ax.set_xscale('log')
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xticks([1, 2, 4])
         ax.set_xticklabels(['1', '2', '4'])
         ax.set_title(cell, fontsize=9)
@@ -110,6 +112,7 @@ def plot(groups, csv_path, png_path):
             default = name.startswith('mixture')
             tx.plot(log['step'], log['tau_t'], color='C3' if default else 'C0', lw=1.2, alpha=0.8)
         tx.set_yscale('log')
+        tx.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         tx.set_ylim(0.8, 4)
         tx.set_yticks([1, 1.5, 2, 3, 4])
         tx.set_yticklabels(['1', '1.5', '2', '3', '4'])
