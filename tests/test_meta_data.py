@@ -10,7 +10,7 @@ from timm.data import create_dataset, create_loader, create_transform
 from timm.data.auto_augment import RandAugment
 
 from fmnist import fashion_mnist_root
-from timm_mkd.meta_data import (
+from timm_mkd.data.meta_data import (
     IndexSubset,
     build_meta_loader,
     check_not_validation,

@@ -119,7 +119,7 @@ class _ConstantEstimator:
         self.calls = 0
 
     def __call__(self, inputs):
-        from timm_mkd.meta_parts import HyperGradient
+        from timm_mkd.meta.meta_parts import HyperGradient
         self.calls += 1
         assert inputs.meta_input.shape[0] == 16 and inputs.loss.kd_weight == 1.0
         return HyperGradient(grad=torch.tensor([1.0, 0.0]), meta_loss=0.5, epsilon=0.0)

@@ -15,12 +15,12 @@ from timm.utils import unwrap_model
 
 from .compat import check_timm_version
 from .config import MKDConfig
-from .estimators import LossTerms, build_estimator
+from .meta.estimators import LossTerms, build_estimator
 from .loss import two_temperature_kd_loss
-from .meta_controller import TRAIN_STREAM, MetaController, check_synchronized
-from .meta_parts import TrainBatch, capture_rng_state, replay_rng
+from .meta.meta_controller import TRAIN_STREAM, MetaController, check_synchronized
+from .meta.meta_parts import TrainBatch, capture_rng_state, replay_rng
 from .teacher import build_teacher
-from .temperature import Temperatures
+from .meta.temperature import Temperatures
 
 check_timm_version(timm.__version__)
 _logger = logging.getLogger(__name__)
@@ -91,8 +91,8 @@ class MKDTask(_MetaStepAPI, LogitDistillationTask):
 
     timm's ``LogitDistillationTask`` (its ``prepare_distributed`` and ``compile`` are inherited as they
     are) whose one fixed temperature becomes two learnable meta-parameters, a teacher temperature
-    ``tau_t`` and a student temperature ``tau_s`` (``timm_mkd.temperature.Temperatures``). Every
-    ``meta_interval`` optimizer updates a meta step, run by ``timm_mkd.meta_controller.MetaController``
+    ``tau_t`` and a student temperature ``tau_s`` (``timm_mkd.meta.temperature.Temperatures``). Every
+    ``meta_interval`` optimizer updates a meta step, run by ``timm_mkd.meta.meta_controller.MetaController``
     inside hooks on the student optimizer, moves them; any loop that drives timm tasks (train.py
     included) only needs ``task.attach(optimizer, meta_batches)``.
 
@@ -118,7 +118,7 @@ class MKDTask(_MetaStepAPI, LogitDistillationTask):
         meta_autocast: optional callable returning an autocast context for the meta-batch forward/backward.
             The look-ahead estimator's two finite-difference forwards run in the precision ``config.fd_precision``
             picks (default ``'auto'``: this autocast when it is float16, float32 otherwise).
-        hypergradient: an estimator object (``timm_mkd.estimators``) instead of the one ``config.estimator`` names.
+        hypergradient: an estimator object (``timm_mkd.meta.estimators``) instead of the one ``config.estimator`` names.
         **options: ``MKDConfig`` fields (see its docstring for what each one means).
     """
 
