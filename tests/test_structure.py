@@ -12,8 +12,19 @@ from small_models import SmallCNN, fmnist_batches
 from test_train_mkd import skeleton, write
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SOURCES = [os.path.join(REPO, d, f) for d in ('timm_mkd', 'patches')
-           for f in sorted(os.listdir(os.path.join(REPO, d))) if f.endswith('.py')]
+
+
+def _sources(*tops):
+    """Every ``.py`` file under ``tops`` (subpackages included), sorted."""
+    found = []
+    for top in tops:
+        for folder, dirs, files in os.walk(os.path.join(REPO, top)):
+            dirs[:] = sorted(d for d in dirs if d != '__pycache__')
+            found += [os.path.join(folder, f) for f in sorted(files) if f.endswith('.py')]
+    return found
+
+
+SOURCES = _sources('timm_mkd', 'patches')
 
 
 @pytest.mark.parametrize('path', SOURCES, ids=lambda p: os.path.relpath(p, REPO))
@@ -24,6 +35,20 @@ def test_files_and_classes_are_small(path):
     for node in ast.walk(ast.parse(text)):
         if isinstance(node, ast.ClassDef):
             assert node.end_lineno - node.lineno + 1 <= 200, node.name
+
+
+def test_every_package_folder_is_a_listed_package():
+    """Each folder of ``timm_mkd`` with Python files has an ``__init__.py`` and is in setup.cfg's ``packages``
+    (else the wheel would leave it out)."""
+    import configparser
+    cfg = configparser.ConfigParser()
+    cfg.read(os.path.join(REPO, 'setup.cfg'))
+    listed = set(cfg['options']['packages'].split())
+    folders = {os.path.dirname(p) for p in _sources('timm_mkd')}
+    assert SOURCES and any(os.sep + 'meta' + os.sep in p for p in SOURCES)  # the walk reaches the subpackages
+    for folder in folders:
+        assert os.path.isfile(os.path.join(folder, '__init__.py')), folder
+        assert os.path.relpath(folder, REPO).replace(os.sep, '.') in listed, folder
 
 
 def _env(**extra):
