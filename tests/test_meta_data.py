@@ -23,6 +23,11 @@ MEAN, STD = (0.2860,), (0.3530,)
 CPU = torch.device('cpu')
 
 
+def test_build_meta_loader_is_exported_by_the_package():
+    import timm_mkd
+    assert timm_mkd.build_meta_loader is build_meta_loader and 'build_meta_loader' in timm_mkd.__all__
+
+
 def _fmnist(split='train', is_training=False):
     return create_dataset(
         'torch/fashion_mnist', root=fashion_mnist_root(), split=split, is_training=is_training,

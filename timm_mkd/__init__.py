@@ -25,6 +25,7 @@ _LAZY = {
     'exact_hypergradient': 'meta.meta_step',
     'build_teacher': 'teacher',
     'load_state_dict_file': 'teacher',
+    'build_meta_loader': 'data.meta_loader',
 }
 
 __all__ = ['__version__', 'UnsupportedTimmVersion', 'check_timm_version', *_LAZY]
