@@ -111,11 +111,22 @@ def test_one_config_holds_the_defaults():
         assert MKD_DESTS[dest] == expected, dest
     params = inspect.signature(MKDTask).parameters
     assert {name: params[name].default for name in defaults} == defaults
+    assert all(params[name].kind == inspect.Parameter.KEYWORD_ONLY for name in defaults)
+    assert not any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
+    assert '__signature__' not in vars(MKDTask.__init__)  # the real signature, not a patched one
+    with pytest.raises(TypeError, match="unexpected keyword argument 'tau'"):
+        MKDTask(SmallCNN(), SmallCNN(width=16), verbose=False, tau=2.0)
     task = MKDTask(SmallCNN(), SmallCNN(width=16), verbose=False, config=MKDConfig(tau_t=2.0, tau_s=2.0), meta_lr=0.3)
     assert task.config == MKDConfig(tau_t=2.0, tau_s=2.0, meta_lr=0.3)
     assert task.temperatures() == (2.0, 2.0) and task.meta_optimizer.param_groups[0]['lr'] == 0.3
     with pytest.raises(Exception):
         task.config.tau_t = 3.0  # frozen
+    # Next to a config, an option at MKDConfig's default cannot be told from an absent one: the config's value stays.
+    config = MKDConfig(tau_t=2.0, tau_s=2.0)
+    assert MKDTask(SmallCNN(), SmallCNN(width=16), verbose=False, config=config, tau_t=1.0).config is config
+    task = MKDTask(SmallCNN(), SmallCNN(width=16), verbose=False, config=config.replace(meta_interval=20),
+                   meta_interval=10.0)  # a value of another type than the default's is a given option
+    assert task.config == config.replace(meta_interval=10) and type(task.config.meta_interval) is int
 
 
 @pytest.mark.parametrize('kwargs, core, flags', [
