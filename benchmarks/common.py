@@ -1,7 +1,7 @@
 """Shared pieces of the benchmarks: Fashion-MNIST offline, the student / teacher models, loaders.
 
 Fashion-MNIST comes from Debian's ``dataset-fashion-mnist`` package, unpacked once by
-``timm_mkd.fashion_mnist`` into ``~/.cache/timm-mkd/fmnist`` (the same cache the tests use).
+``timm_mkd.data.fashion_mnist`` into ``~/.cache/timm-mkd/fmnist`` (the same cache the tests use).
 """
 from typing import Tuple
 
@@ -10,14 +10,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from timm_mkd.fashion_mnist import cache_dir, fashion_mnist_root as _fashion_mnist_root  # noqa: F401 (cache_dir re-exported)
+from timm_mkd.data.fashion_mnist import cache_dir, fashion_mnist_root as _fashion_mnist_root  # noqa: F401 (cache_dir re-exported)
 
 MEAN, STD = (0.2860,), (0.3530,)  # Fashion-MNIST train-split statistics
 NUM_CLASSES = 10
 
 
 def fashion_mnist_root() -> str:
-    """The unpacked Fashion-MNIST root (``timm_mkd.fashion_mnist``); exits with the apt hint if missing."""
+    """The unpacked Fashion-MNIST root (``timm_mkd.data.fashion_mnist``); exits with the apt hint if missing."""
     try:
         return _fashion_mnist_root()
     except FileNotFoundError as e:

@@ -19,7 +19,7 @@ What is measured, and why this way:
 * Where MKD's time goes: the MKD runs also time the pre-update parameter snapshot, the meta step
   and, inside it, the two finite-difference forwards and the buffer copies; the "forward
   overhead" is the median MKD non-meta step minus the median KD step.
-* The exact double-backward oracle (``timm_mkd.meta_step.exact_hypergradient``) needs non-fused
+* The exact double-backward oracle (``timm_mkd.meta.meta_step.exact_hypergradient``) needs non-fused
   attention; one extra subprocess disables fused attention and times one finite-difference meta
   step against one exact hypergradient on the same state.
 
@@ -128,7 +128,7 @@ def build(args, device):
     # Real data pool: 4 training batches (mixup / cutmix soft targets) and 4 meta batches.
     from timm.data import Mixup
     from torchvision.datasets import FashionMNIST
-    from timm_mkd.meta_data import holdout_indices
+    from timm_mkd.data.meta_data import holdout_indices
     ds = FashionMNIST(fashion_mnist_root(), train=True, download=False)
     images = ds.data.float().div_(255).unsqueeze(1)
     labels = ds.targets
@@ -237,7 +237,7 @@ def worker(args):
     import itertools
     import torch
     import timm
-    import timm_mkd.meta_step as ms
+    import timm_mkd.meta.meta_step as ms
     from common import reset_peak_rss
 
     torch.set_num_threads(args.threads)
@@ -340,7 +340,7 @@ def oracle_meta_step(args, task, optimizer, step, data, criterion, device):
     """Time one finite-difference meta step against the exact double-backward hypergradient (non-fused attention)."""
     import torch
     from timm.utils import unwrap_model
-    from timm_mkd.meta_step import exact_hypergradient, finite_difference_hypergradient
+    from timm_mkd.meta.meta_step import exact_hypergradient, finite_difference_hypergradient
     n = task.meta_interval
     # Train until just after an update that snapshotted theta (the real hook path), then time both.
     task.detach()
@@ -351,7 +351,7 @@ def oracle_meta_step(args, task, optimizer, step, data, criterion, device):
             x, y = next(data)
             step(x, y)
         student = unwrap_model(task.trainable_module)
-        from timm_mkd.meta_step import optimizer_params
+        from timm_mkd.meta.meta_step import optimizer_params
         theta = {nme: p.detach().clone() for nme, p, _ in optimizer_params(student, optimizer)}
         x, y = next(data)
         step(x, y)

@@ -36,7 +36,7 @@ def main(argv=None):
     torch.set_num_threads(1)
     from timm.data import create_dataset
     from timm_mkd.config import MKDConfig
-    from timm_mkd.meta_data import IndexSubset, build_meta_loader
+    from timm_mkd.data.meta_data import IndexSubset, build_meta_loader
 
     def fmnist(is_training):
         return create_dataset('torch/fashion_mnist', root=fashion_mnist_root(), split='train', is_training=is_training)

@@ -140,7 +140,7 @@ def mkd_defaults():
 # ----------------------------------------------------------------------------------- data
 def datasets(args):
     from timm.data import create_dataset
-    from timm_mkd.meta_data import IndexSubset, split_holdout
+    from timm_mkd.data.meta_data import IndexSubset, split_holdout
     root = fashion_mnist_root()
     train_full = create_dataset('torch/fashion_mnist', root=root, split='train', is_training=True)
     meta_full = create_dataset('torch/fashion_mnist', root=root, split='train', is_training=False)
@@ -262,7 +262,7 @@ def run_student(args, method, tau, seed, teacher, train_set, meta_set, eval_load
     from timm.optim import create_optimizer_v2
     from timm.task import LogitDistillationTask
     from timm_mkd import MKDTask, __version__ as timm_mkd_version
-    from timm_mkd.meta_data import build_meta_loader
+    from timm_mkd.data.meta_data import build_meta_loader
     from timm_mkd.meta_log import TemperatureLog
 
     torch.manual_seed(seed)

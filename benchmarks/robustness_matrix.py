@@ -89,8 +89,8 @@ def parse_method(spec):
 
 def teacher_tau_cal(qargs, teacher, meta_set) -> float:
     """The teacher's calibrated temperature on the cell's training views of the held-out meta images."""
-    from timm_mkd.calibration import calibrated_log_temperature
-    from timm_mkd.meta_data import build_meta_loader
+    from timm_mkd.meta.calibration import calibrated_log_temperature
+    from timm_mkd.data.meta_data import build_meta_loader
     loader = build_meta_loader(meta_set, input_size=(1, qargs.img_size, qargs.img_size), batch_size=250, mean=MEAN,
                                std=STD, crop_pct=1.0, seed=0, train_transform=quality.meta_train_transform(qargs))
     logits, targets = [], []

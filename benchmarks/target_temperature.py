@@ -46,8 +46,8 @@ def main(argv=None):
     teacher, _ = quality.get_teacher(args, teacher_train, None)
     teacher.eval()
     from timm.data import Mixup
-    from timm_mkd.meta_data import build_meta_loader
-    from timm_mkd.meta_step import calibrated_log_temperature, calibration_hypergradient
+    from timm_mkd.data.meta_data import build_meta_loader
+    from timm_mkd.meta.meta_step import calibrated_log_temperature, calibration_hypergradient
 
     heldout = build_meta_loader(meta_set, input_size=(1, args.img_size, args.img_size), batch_size=250, mean=MEAN,
                                 std=STD, crop_pct=1.0, seed=0)

@@ -79,7 +79,7 @@ def _check_meta_data(args: argparse.Namespace, opts: MKDOptions) -> None:
     leak = ('learning the temperatures on it would leak the reported accuracy into training. '
             'Use a held-out fraction (e.g. --mkd-meta-data 0.05) or another')
     if spec.kind == 'split' and val_split:
-        from timm_mkd.meta_data import check_not_validation
+        from timm_mkd.data.meta_data import check_not_validation
         try:
             check_not_validation(spec.split, None, val_split, data_dir, dataset=getattr(args, 'dataset', None))
         except ValueError as e:

@@ -28,7 +28,7 @@ class DataPatches:
 
     def _build_train_and_meta(self, create_dataset, a, kw):
         """Build the training split and, from the same arguments, the meta set."""
-        from timm_mkd.meta_data import split_holdout
+        from timm_mkd.data.meta_data import split_holdout
         spec = self.opts.meta_data
         train_ds = create_dataset(*a, **kw)
         if spec.kind == 'train':
@@ -129,7 +129,7 @@ class DataPatches:
     def _meta_batches(self):
         """The meta batches for ``MKDTask.attach``: the training stream or an endless meta loader."""
         from timm_mkd import TRAIN_STREAM
-        from timm_mkd.meta_data import build_meta_loader
+        from timm_mkd.data.meta_data import build_meta_loader
         import torch
         args, opts = self.args, self.opts
         if self.meta_dataset is None:

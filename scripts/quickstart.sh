@@ -33,7 +33,7 @@ DEVICE=$($PY -c "import torch; print('cuda' if torch.cuda.is_available() else 'c
 echo "quickstart: device $DEVICE, OMP_NUM_THREADS=$OMP_NUM_THREADS, train.py $TIMM_TRAIN_PY"
 
 # Fashion-MNIST for torchvision (unpacked IDX files under ROOT/FashionMNIST/raw).
-ROOT=$($PY -m timm_mkd.fashion_mnist)
+ROOT=$($PY -m timm_mkd.data.fashion_mnist)
 OUT=output/quickstart
 COMMON=(--dataset torch/fashion_mnist --data-dir "$ROOT" --train-split train --val-split test
         --device "$DEVICE" --in-chans 1 --input-size 1 32 32 --mean 0.2860 --std 0.3530 --num-classes 10

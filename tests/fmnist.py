@@ -1,4 +1,4 @@
-"""Real Fashion-MNIST for the tests (``timm_mkd.fashion_mnist``), skipping when it is not installed.
+"""Real Fashion-MNIST for the tests (``timm_mkd.data.fashion_mnist``), skipping when it is not installed.
 
 Usage from a test module (tests/ has no ``__init__.py``, so pytest puts this folder on
 ``sys.path``)::
@@ -8,7 +8,7 @@ Usage from a test module (tests/ has no ``__init__.py``, so pytest puts this fol
 """
 import pytest
 
-from timm_mkd import fashion_mnist
+from timm_mkd.data import fashion_mnist
 
 
 def fashion_mnist_root() -> str:

@@ -116,8 +116,8 @@ def test_release_frees_the_task_held_by_a_finished_run():
     assert not opt._optimizer_step_post_hooks
 
 
-_NO_FASHION_MNIST = """import timm_mkd.fashion_mnist
-timm_mkd.fashion_mnist.DEBIAN_DIR = {missing!r}
+_NO_FASHION_MNIST = """import timm_mkd.data.fashion_mnist
+timm_mkd.data.fashion_mnist.DEBIAN_DIR = {missing!r}
 """
 
 

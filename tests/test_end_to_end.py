@@ -16,7 +16,7 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 
 from timm_mkd import MKDTask
-from timm_mkd.meta_data import IndexSubset, build_meta_loader, split_holdout
+from timm_mkd.data.meta_data import IndexSubset, build_meta_loader, split_holdout
 
 from fmnist import fashion_mnist_root
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from timm_mkd import MKDTask
-from timm_mkd.estimators import fd_autocast
-from timm_mkd.meta_step import LOW_PRECISION_FD_EPS, exact_hypergradient, finite_difference_hypergradient
+from timm_mkd.meta.estimators import fd_autocast
+from timm_mkd.meta.meta_step import LOW_PRECISION_FD_EPS, exact_hypergradient, finite_difference_hypergradient
 
 from small_models import SmallCNN, fmnist_batches
 from test_hypergradient import _one_update, _setup
@@ -54,7 +54,7 @@ def test_float16_forwards_match_the_float32_oracle(opt_name, seed):
 
 
 def _direction(task, opt, theta, meta):
-    from timm_mkd.meta_step import _meta_gradient, lookahead_jacobian
+    from timm_mkd.meta.meta_step import _meta_gradient, lookahead_jacobian
     named, v, _ = _meta_gradient(task.trainable_module, opt, theta, *meta, None)
     return [lookahead_jacobian(opt, p, g).to(v_i.dtype) * v_i for (_, p, g), v_i in zip(named, v)]
 

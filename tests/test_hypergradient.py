@@ -6,7 +6,7 @@ import timm
 import torch
 
 from timm_mkd import MKDTask
-from timm_mkd.meta_step import exact_hypergradient, finite_difference_hypergradient
+from timm_mkd.meta.meta_step import exact_hypergradient, finite_difference_hypergradient
 
 from small_models import SmallCNN, briefly_trained_teacher, fmnist_batches
 
@@ -111,7 +111,7 @@ def test_calibration_gradient_vanishes_at_the_teachers_calibrated_temperature():
     """The calibration estimator's zero is the temperature that minimises the teacher's held-out NLL
     (found independently by a grid), it points towards it from above and below, and rows with
     non-finite teacher logits are left out."""
-    from timm_mkd.meta_step import calibration_hypergradient
+    from timm_mkd.meta.meta_step import calibration_hypergradient
     z, ym = _briefly_trained_teacher_logits()
     grid = torch.linspace(-1.5, 1.5, 3001, dtype=torch.float64)
     nll = torch.stack([torch.nn.functional.cross_entropy(z / t.exp(), ym) for t in grid])
@@ -129,7 +129,7 @@ def test_calibration_gradient_vanishes_at_the_teachers_calibrated_temperature():
 def test_calibrated_log_temperature_solves_what_the_calibration_gradient_follows():
     """The warm start's exact solver returns the grid minimum of the teacher's NLL, the nearer bound when the
     minimum lies outside the bounds, the same answer for one-hot soft targets, and ignores non-finite rows."""
-    from timm_mkd.meta_step import calibrated_log_temperature
+    from timm_mkd.meta.meta_step import calibrated_log_temperature
     z, ym = _briefly_trained_teacher_logits()
     grid = torch.linspace(math.log(0.25), math.log(8.0), 6001, dtype=torch.float64)
     nll = torch.stack([torch.nn.functional.cross_entropy(z / t.exp(), ym) for t in grid])
@@ -153,8 +153,8 @@ def test_calibration_estimator_takes_the_meta_targets_as_given():
     """The calibration estimator's warm start is the solver's answer on the meta labels, one-hot soft meta targets
     give the same answer, and its gradient vanishes there."""
     from timm_mkd.config import MKDConfig
-    from timm_mkd.estimators import CalibrationEstimator
-    from timm_mkd.meta_step import calibrated_log_temperature, calibration_hypergradient
+    from timm_mkd.meta.estimators import CalibrationEstimator
+    from timm_mkd.meta.meta_step import calibrated_log_temperature, calibration_hypergradient
     z, ym = _briefly_trained_teacher_logits()
     est = CalibrationEstimator(MKDConfig())
     solved = float(est.solve(z, ym, 0.25, 8.0).grad[0])

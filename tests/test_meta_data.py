@@ -10,7 +10,7 @@ from timm.data import create_dataset, create_loader, create_transform
 from timm.data.auto_augment import RandAugment
 
 from fmnist import fashion_mnist_root
-from timm_mkd.meta_data import (
+from timm_mkd.data.meta_data import (
     IndexSubset,
     build_meta_loader,
     check_not_validation,
@@ -21,6 +21,11 @@ from timm_mkd.meta_data import (
 INPUT_SIZE = (1, 32, 32)
 MEAN, STD = (0.2860,), (0.3530,)
 CPU = torch.device('cpu')
+
+
+def test_build_meta_loader_is_exported_by_the_package():
+    import timm_mkd
+    assert timm_mkd.build_meta_loader is build_meta_loader and 'build_meta_loader' in timm_mkd.__all__
 
 
 def _fmnist(split='train', is_training=False):

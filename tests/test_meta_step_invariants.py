@@ -163,7 +163,7 @@ def test_meta_controller_logs_under_its_own_name(caplog):
     with pytest.warns(RuntimeWarning), caplog.at_level('WARNING', logger='timm_mkd'):
         _run(steps=1, meta_batches=[(xm, ym)])
     names = {r.name for r in caplog.records if 'skipped' in r.getMessage()}
-    assert names == {'timm_mkd.meta_controller'}, names
+    assert names == {'timm_mkd.meta.meta_controller'}, names
 
 
 def test_temperatures_stay_inside_bounds():
@@ -183,7 +183,7 @@ def test_meta_interval_counts_optimizer_updates():
 
 def test_autocast_finite_difference_matches_fp32():
     """Under an outer bf16 autocast the FD forwards run in float32: the hypergradient barely moves."""
-    from timm_mkd.meta_step import finite_difference_hypergradient
+    from timm_mkd.meta.meta_step import finite_difference_hypergradient
     torch.manual_seed(0)
     student = SmallCNN(drop=0.0)
     task = MKDTask(student, SmallCNN(width=16, drop=0.0), verbose=False)
@@ -273,7 +273,7 @@ def test_warm_start_lands_on_the_calibrated_temperature_from_any_start(tau):
     minimiser of the teacher's NLL on ``warm_start_batches`` meta batches, whatever the initial value, so no update
     trains at the initial tau_t; tau_s stays where it is (the default) or, tied, keeps its ratio. The steps after
     it follow the gradient (they move tau by at most about meta_lr in log space)."""
-    from timm_mkd.meta_step import calibrated_log_temperature
+    from timm_mkd.meta.meta_step import calibrated_log_temperature
     batches = [fmnist_batches(32, offset=2000 + 32 * i) for i in range(3)]
     x, y = fmnist_batches(32)
     for learn_tau_s in (False, True):
@@ -304,7 +304,7 @@ def test_warm_start_lands_on_the_calibrated_temperature_from_any_start(tau):
 def test_by_default_no_temperature_sharpens():
     """``tau_min`` is 1 by default: where the teacher's calibrated temperature lies below 1 (a briefly trained teacher
     is underconfident), the warm start and the meta steps after it keep tau_t at 1 instead of sharpening the teacher."""
-    from timm_mkd.meta_step import calibrated_log_temperature
+    from timm_mkd.meta.meta_step import calibrated_log_temperature
     batches = [fmnist_batches(32, offset=2000 + 32 * i) for i in range(4)]
     x, y = fmnist_batches(32)
     teacher = briefly_trained_teacher()

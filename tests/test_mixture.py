@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from timm_mkd import MKDTask
-from timm_mkd.calibration import calibrated_log_temperature, calibration_hypergradient
-from timm_mkd.mixture import mixture_hypergradient, mixture_log_temperature, mixture_nll
+from timm_mkd.meta.calibration import calibrated_log_temperature, calibration_hypergradient
+from timm_mkd.meta.mixture import mixture_hypergradient, mixture_log_temperature, mixture_nll
 
 from small_models import SmallCNN, briefly_trained_teacher, fmnist_batches, inside_bounds
 

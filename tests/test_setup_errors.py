@@ -19,7 +19,7 @@ from fmnist import fashion_mnist_root
 from small_models import SmallCNN
 from timm_mkd.cli import validate_mkd_args
 from timm_mkd.launcher import load_adapters
-from timm_mkd.meta_data import IndexSubset
+from timm_mkd.data.meta_data import IndexSubset
 
 patches = load_adapters()
 

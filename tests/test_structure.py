@@ -12,8 +12,19 @@ from small_models import SmallCNN, fmnist_batches
 from test_train_mkd import skeleton, write
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SOURCES = [os.path.join(REPO, d, f) for d in ('timm_mkd', 'patches')
-           for f in sorted(os.listdir(os.path.join(REPO, d))) if f.endswith('.py')]
+
+
+def _sources(*tops):
+    """Every ``.py`` file under ``tops`` (subpackages included), sorted."""
+    found = []
+    for top in tops:
+        for folder, dirs, files in os.walk(os.path.join(REPO, top)):
+            dirs[:] = sorted(d for d in dirs if d != '__pycache__')
+            found += [os.path.join(folder, f) for f in sorted(files) if f.endswith('.py')]
+    return found
+
+
+SOURCES = _sources('timm_mkd', 'patches')
 
 
 @pytest.mark.parametrize('path', SOURCES, ids=lambda p: os.path.relpath(p, REPO))
@@ -24,6 +35,20 @@ def test_files_and_classes_are_small(path):
     for node in ast.walk(ast.parse(text)):
         if isinstance(node, ast.ClassDef):
             assert node.end_lineno - node.lineno + 1 <= 200, node.name
+
+
+def test_every_package_folder_is_a_listed_package():
+    """Each folder of ``timm_mkd`` with Python files has an ``__init__.py`` and is in setup.cfg's ``packages``
+    (else the wheel would leave it out)."""
+    import configparser
+    cfg = configparser.ConfigParser()
+    cfg.read(os.path.join(REPO, 'setup.cfg'))
+    listed = set(cfg['options']['packages'].split())
+    folders = {os.path.dirname(p) for p in _sources('timm_mkd')}
+    assert SOURCES and any(os.sep + 'meta' + os.sep in p for p in SOURCES)  # the walk reaches the subpackages
+    for folder in folders:
+        assert os.path.isfile(os.path.join(folder, '__init__.py')), folder
+        assert os.path.relpath(folder, REPO).replace(os.sep, '.') in listed, folder
 
 
 def _env(**extra):
@@ -86,11 +111,22 @@ def test_one_config_holds_the_defaults():
         assert MKD_DESTS[dest] == expected, dest
     params = inspect.signature(MKDTask).parameters
     assert {name: params[name].default for name in defaults} == defaults
+    assert all(params[name].kind == inspect.Parameter.KEYWORD_ONLY for name in defaults)
+    assert not any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
+    assert '__signature__' not in vars(MKDTask.__init__)  # the real signature, not a patched one
+    with pytest.raises(TypeError, match="unexpected keyword argument 'tau'"):
+        MKDTask(SmallCNN(), SmallCNN(width=16), verbose=False, tau=2.0)
     task = MKDTask(SmallCNN(), SmallCNN(width=16), verbose=False, config=MKDConfig(tau_t=2.0, tau_s=2.0), meta_lr=0.3)
     assert task.config == MKDConfig(tau_t=2.0, tau_s=2.0, meta_lr=0.3)
     assert task.temperatures() == (2.0, 2.0) and task.meta_optimizer.param_groups[0]['lr'] == 0.3
     with pytest.raises(Exception):
         task.config.tau_t = 3.0  # frozen
+    # Next to a config, an option at MKDConfig's default cannot be told from an absent one: the config's value stays.
+    config = MKDConfig(tau_t=2.0, tau_s=2.0)
+    assert MKDTask(SmallCNN(), SmallCNN(width=16), verbose=False, config=config, tau_t=1.0).config is config
+    task = MKDTask(SmallCNN(), SmallCNN(width=16), verbose=False, config=config.replace(meta_interval=20),
+                   meta_interval=10.0)  # a value of another type than the default's is a given option
+    assert task.config == config.replace(meta_interval=10) and type(task.config.meta_interval) is int
 
 
 @pytest.mark.parametrize('kwargs, core, flags', [
@@ -119,7 +155,7 @@ class _ConstantEstimator:
         self.calls = 0
 
     def __call__(self, inputs):
-        from timm_mkd.meta_parts import HyperGradient
+        from timm_mkd.meta.meta_parts import HyperGradient
         self.calls += 1
         assert inputs.meta_input.shape[0] == 16 and inputs.loss.kd_weight == 1.0
         return HyperGradient(grad=torch.tensor([1.0, 0.0]), meta_loss=0.5, epsilon=0.0)

@@ -147,7 +147,7 @@ def test_tied_temperatures_keep_their_ratio_at_the_bounds():
     untrained teacher asks for tau far above tau_max)."""
     import math
     from timm_mkd.config import MKDConfig
-    from timm_mkd.temperature import Temperatures
+    from timm_mkd.meta.temperature import Temperatures
     tau = Temperatures(MKDConfig(tau_t=3.0, tau_s=2.0, tau_max=20.0, tau_min=0.5, learn_tau_s=True))
     tau.jump_to(torch.tensor(math.log(30.0)))
     tau_t, tau_s = tau.values()

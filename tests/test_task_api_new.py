@@ -22,7 +22,7 @@ from timm.task import TrainingTask, resume_task_checkpoint
 from fmnist import fashion_mnist_root
 from small_models import SmallCNN, fmnist_batches
 from timm_mkd import MKDTask
-from timm_mkd.meta_data import IndexSubset, build_meta_loader
+from timm_mkd.data.meta_data import IndexSubset, build_meta_loader
 
 
 def needs(owner, *names):

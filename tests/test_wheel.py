@@ -78,6 +78,10 @@ def test_wheel_ships_the_adapters_privately(installed):
     assert 'timm_mkd/launcher.py' in names and 'timm_mkd/__main__.py' in names
     tops = {n.split('/')[0] for n in names if not n.split('/')[0].endswith('.dist-info')}
     assert tops == {'timm_mkd'}  # no top-level `patches`, no train_mkd.py
+    sources = {os.path.relpath(os.path.join(folder, f), REPO).replace(os.sep, '/')
+               for folder, _, files in os.walk(os.path.join(REPO, 'timm_mkd')) for f in files if f.endswith('.py')}
+    assert 'timm_mkd/meta/meta_controller.py' in sources and 'timm_mkd/data/meta_loader.py' in sources
+    assert sources <= set(names), sorted(sources - set(names))  # the subpackages too
     entry = [n for n in names if n.endswith('entry_points.txt')]
     assert 'train-mkd = timm_mkd.launcher:main' in zipfile.ZipFile(installed['wheel']).read(entry[0]).decode()
 
@@ -92,11 +96,15 @@ def test_installed_package_runs_outside_the_checkout(installed, tmp_path):
         print(os.path.dirname(launcher.__file__))
         print(adapters.__file__)
         print(importlib.util.find_spec('patches'))
+        import timm_mkd.data.meta_data, timm_mkd.meta.meta_controller
+        from timm_mkd import MKDTask, TRAIN_STREAM
+        print(timm_mkd.meta.meta_controller.__file__)
     ''')
     out = _check([installed['py'], '-c', probe], cwd=installed['cwd'], env=installed['env']).stdout.split('\n')
     venv = os.path.dirname(installed['bin'])
     assert out[0].startswith(venv) and out[1].startswith(os.path.join(out[0], '_patches'))
     assert out[2] == 'None'  # nothing importable as top-level `patches`
+    assert out[3] == os.path.join(out[0], 'meta', 'meta_controller.py')
 
 
 def test_train_mkd_and_python_m_give_the_mkd_help_without_train_py(installed):

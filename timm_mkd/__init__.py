@@ -17,14 +17,15 @@ check_timm_version(installed_timm_version())
 _LAZY = {
     'MKDTask': 'task',
     'MKDConfig': 'config',
-    'TRAIN_STREAM': 'meta_controller',
-    'Temperatures': 'temperature',
+    'TRAIN_STREAM': 'meta.meta_controller',
+    'Temperatures': 'meta.temperature',
     'two_temperature_kd_loss': 'loss',
     'meta_loss_fn': 'loss',
-    'finite_difference_hypergradient': 'meta_step',
-    'exact_hypergradient': 'meta_step',
+    'finite_difference_hypergradient': 'meta.meta_step',
+    'exact_hypergradient': 'meta.meta_step',
     'build_teacher': 'teacher',
     'load_state_dict_file': 'teacher',
+    'build_meta_loader': 'data.meta_loader',
 }
 
 __all__ = ['__version__', 'UnsupportedTimmVersion', 'check_timm_version', *_LAZY]

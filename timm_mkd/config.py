@@ -77,9 +77,9 @@ class MKDConfig:
             autocast when it is float16 (within 1% of the float32 oracle), float32 otherwise (bfloat16 is off by up
             to 12%); ``'float32'``: always float32; ``'autocast'``: always the training autocast.
         kd_scale: ``'student'`` (``tau_s^2``) or ``'product'`` (``tau_t * tau_s``).
-        estimator: ``'mixture'`` (default: the held-out NLL of the student's effective target, ``timm_mkd.mixture``),
+        estimator: ``'mixture'`` (default: the held-out NLL of the student's effective target, ``timm_mkd.meta.mixture``),
             ``'calibration'`` (the teacher's held-out NLL alone) or ``'lookahead'`` (the student's calibrated
-            cross-entropy on the meta batch after a one-step look-ahead, ``timm_mkd.meta_step``).
+            cross-entropy on the meta batch after a one-step look-ahead, ``timm_mkd.meta.meta_step``).
         warm_start_batches: ``'mixture'`` and ``'calibration'`` only: meta batches the warm start solves on (0: off). With held-out
             meta data it runs before the first update, so no update trains at the initial ``tau_t``.
 

@@ -1,9 +1,8 @@
 """MKDTask: timm's logit distillation with learned teacher and student temperatures."""
 import contextlib
-import inspect
 import logging
 import weakref
-from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -15,12 +14,12 @@ from timm.utils import unwrap_model
 
 from .compat import check_timm_version
 from .config import MKDConfig
-from .estimators import LossTerms, build_estimator
+from .meta.estimators import LossTerms, build_estimator
 from .loss import two_temperature_kd_loss
-from .meta_controller import TRAIN_STREAM, MetaController, check_synchronized
-from .meta_parts import TrainBatch, capture_rng_state, replay_rng
+from .meta.meta_controller import TRAIN_STREAM, MetaController, check_synchronized
+from .meta.meta_parts import TrainBatch, capture_rng_state, replay_rng
 from .teacher import build_teacher
-from .temperature import Temperatures
+from .meta.temperature import Temperatures
 
 check_timm_version(timm.__version__)
 _logger = logging.getLogger(__name__)
@@ -34,7 +33,8 @@ def _controller_attribute(name: str, doc: str, settable: bool = False) -> proper
 
 
 class _MetaStepAPI:
-    """``MKDTask``'s meta-step methods and counters: each one hands over to ``self.meta`` (the ``MetaController``)."""
+    """``MKDTask``'s meta-step methods and counters, which hand over to ``self.meta`` (the ``MetaController``), and the
+    task's forwards on meta batches that the controller calls back."""
 
     def attach(self, optimizer: torch.optim.Optimizer, meta_batches: Union[Iterable, str, None] = TRAIN_STREAM) -> 'MKDTask':
         """Bind the meta step to the student optimizer (``MetaController.attach``).
@@ -74,6 +74,26 @@ class _MetaStepAPI:
         """Raise ``RuntimeError`` if the ranks of a distributed run hold different temperatures."""
         check_synchronized(self.tau)
 
+    def _meta_teacher_logits(self, meta_input: torch.Tensor) -> torch.Tensor:
+        # In the training step's precision (train.py's AMP autocast); the calibration maths upcasts to float32.
+        autocast = self.meta_autocast() if self.meta_autocast is not None else contextlib.nullcontext()
+        with torch.no_grad(), autocast:
+            return self._teacher_logits(meta_input)
+
+    def _meta_student_probs(self, meta_input: torch.Tensor) -> torch.Tensor:
+        """The student's predicted probabilities on a meta batch: eval mode (running BN statistics, no dropout), no
+        graph, the training precision; the student's mode and the RNG stream are restored."""
+        student = unwrap_model(self.trainable_module)
+        was_training = student.training
+        autocast = self.meta_autocast() if self.meta_autocast is not None else contextlib.nullcontext()
+        try:
+            student.eval()
+            with replay_rng(None, meta_input.device), torch.no_grad(), autocast:
+                logits = student(meta_input)
+        finally:
+            student.train(was_training)
+        return torch.softmax(logits.float(), dim=-1)
+
     updates = _controller_attribute('updates', 'Optimizer updates counted so far.', settable=True)
     meta_steps = _controller_attribute('meta_steps', 'Meta steps run so far (applied or skipped).')
     meta_interval = _controller_attribute('meta_interval', 'Optimizer updates between meta steps.')
@@ -91,8 +111,8 @@ class MKDTask(_MetaStepAPI, LogitDistillationTask):
 
     timm's ``LogitDistillationTask`` (its ``prepare_distributed`` and ``compile`` are inherited as they
     are) whose one fixed temperature becomes two learnable meta-parameters, a teacher temperature
-    ``tau_t`` and a student temperature ``tau_s`` (``timm_mkd.temperature.Temperatures``). Every
-    ``meta_interval`` optimizer updates a meta step, run by ``timm_mkd.meta_controller.MetaController``
+    ``tau_t`` and a student temperature ``tau_s`` (``timm_mkd.meta.temperature.Temperatures``). Every
+    ``meta_interval`` optimizer updates a meta step, run by ``timm_mkd.meta.meta_controller.MetaController``
     inside hooks on the student optimizer, moves them; any loop that drives timm tasks (train.py
     included) only needs ``task.attach(optimizer, meta_batches)``.
 
@@ -111,15 +131,17 @@ class MKDTask(_MetaStepAPI, LogitDistillationTask):
         device: device for task tensors/buffers.
         dtype: dtype for task tensors/buffers (temperatures are always float32).
         verbose: log set-up and periodic meta-step lines.
-        config: the MKD options (``timm_mkd.config.MKDConfig``); keyword arguments named like its fields
-            (``tau_t=4.0``, ``estimator='lookahead'``, ...) override it.
+        config: the MKD options (``timm_mkd.config.MKDConfig``); the keyword arguments named like its fields
+            (``tau_t=4.0``, ``estimator='lookahead'``, ...) that differ from ``MKDConfig``'s defaults override it.
         student_mean: normalisation mean the student's loader applies (default: the student's pretrained_cfg).
         student_std: normalisation std the student's loader applies.
         meta_autocast: optional callable returning an autocast context for the meta-batch forward/backward.
             The look-ahead estimator's two finite-difference forwards run in the precision ``config.fd_precision``
             picks (default ``'auto'``: this autocast when it is float16, float32 otherwise).
-        hypergradient: an estimator object (``timm_mkd.estimators``) instead of the one ``config.estimator`` names.
-        **options: ``MKDConfig`` fields (see its docstring for what each one means).
+        hypergradient: an estimator object (``timm_mkd.meta.estimators``) instead of the one ``config.estimator`` names.
+        tau_t, tau_s, tau_min, tau_max, learn_tau_t, learn_tau_s, tie_temperatures, meta_interval, meta_lr,
+        meta_optimizer, fd_eps, fd_precision, kd_scale, estimator, warm_start_batches: the ``MKDConfig`` fields,
+            with its defaults (see its docstring for what each one means).
     """
 
     def __init__(
@@ -139,11 +161,26 @@ class MKDTask(_MetaStepAPI, LogitDistillationTask):
             student_std: Optional[Sequence[float]] = None,
             meta_autocast: Optional[Callable] = None,
             hypergradient=None,
-            **options,
+            tau_t: float = MKDConfig.tau_t,
+            tau_s: float = MKDConfig.tau_s,
+            tau_min: float = MKDConfig.tau_min,
+            tau_max: float = MKDConfig.tau_max,
+            learn_tau_t: bool = MKDConfig.learn_tau_t,
+            learn_tau_s: bool = MKDConfig.learn_tau_s,
+            tie_temperatures: bool = MKDConfig.tie_temperatures,
+            meta_interval: int = MKDConfig.meta_interval,
+            meta_lr: float = MKDConfig.meta_lr,
+            meta_optimizer: str = MKDConfig.meta_optimizer,
+            fd_eps: float = MKDConfig.fd_eps,
+            fd_precision: str = MKDConfig.fd_precision,
+            kd_scale: str = MKDConfig.kd_scale,
+            estimator: str = MKDConfig.estimator,
+            warm_start_batches: int = MKDConfig.warm_start_batches,
     ):
+        options = {name: value for name, value in locals().items() if name in MKDConfig.field_names()}
         # timm's LogitDistillationTask.__init__ builds its own teacher and loss; only TrainingTask's is ours.
         TrainingTask.__init__(self, device=device, dtype=dtype, verbose=verbose)
-        self.config = config = (config or MKDConfig()).replace(**options) if options else (config or MKDConfig())
+        self.config = config = _task_config(config, options)
         student = unwrap_model(student_model)
         in_chans = getattr(student, 'in_chans', 3)
         cfg = getattr(student, 'pretrained_cfg', {}) or {}
@@ -257,26 +294,6 @@ class MKDTask(_MetaStepAPI, LogitDistillationTask):
         input_kd = self.teacher.normalize_input(input, self.student_mean, self.student_std)
         return self.teacher(input_kd.detach(), return_features=False)
 
-    def _meta_teacher_logits(self, meta_input: torch.Tensor) -> torch.Tensor:
-        # In the training step's precision (train.py's AMP autocast); the calibration maths upcasts to float32.
-        autocast = self.meta_autocast() if self.meta_autocast is not None else contextlib.nullcontext()
-        with torch.no_grad(), autocast:
-            return self._teacher_logits(meta_input)
-
-    def _meta_student_probs(self, meta_input: torch.Tensor) -> torch.Tensor:
-        """The student's predicted probabilities on a meta batch: eval mode (running BN statistics, no dropout), no
-        graph, the training precision; the student's mode and the RNG stream are restored."""
-        student = unwrap_model(self.trainable_module)
-        was_training = student.training
-        autocast = self.meta_autocast() if self.meta_autocast is not None else contextlib.nullcontext()
-        try:
-            student.eval()
-            with replay_rng(None, meta_input.device), torch.no_grad(), autocast:
-                logits = student(meta_input)
-        finally:
-            student.train(was_training)
-        return torch.softmax(logits.float(), dim=-1)
-
     def loss_terms(self) -> LossTerms:
         """The training loss's terms, as the look-ahead estimator differentiates them."""
         return LossTerms(self.criterion, self.task_loss_weight, self.distill_loss_weight, self.kd_scale)
@@ -291,13 +308,12 @@ def _resolve_loss_weights(task_loss_weight: Optional[float], distill_loss_weight
     return 1.0, 1.0
 
 
-def _config_signature() -> inspect.Signature:
-    """``MKDTask.__init__``'s signature with every ``MKDConfig`` field as a keyword (for ``inspect`` users)."""
-    own = inspect.signature(MKDTask.__init__)
-    params = [p for p in own.parameters.values() if p.kind != p.VAR_KEYWORD]
-    params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
-               for name, default in MKDConfig.defaults().items()]
-    return own.replace(parameters=params)
-
-
-MKDTask.__init__.__signature__ = _config_signature()
+def _task_config(config: Optional[MKDConfig], options: Dict[str, Any]) -> MKDConfig:
+    """``MKDConfig(**options)``, or with ``config`` given, ``config`` with the options that differ from the defaults
+    (a value of another type counts as different: ``meta_interval=10.0`` overrides)."""
+    if config is None:
+        return MKDConfig(**options)
+    defaults = MKDConfig.defaults()
+    changed = {name: value for name, value in options.items()
+               if type(value) is not type(defaults[name]) or value != defaults[name]}
+    return config.replace(**changed) if changed else config

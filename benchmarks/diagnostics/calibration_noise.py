@@ -39,8 +39,8 @@ def main(argv=None):
     _, meta_set, teacher_train, _ = quality.datasets(args)
     teacher, _ = quality.get_teacher(args, teacher_train, None)
 
-    from timm_mkd.meta_data import build_meta_loader
-    from timm_mkd.meta_step import calibrated_log_temperature, calibration_hypergradient
+    from timm_mkd.data.meta_data import build_meta_loader
+    from timm_mkd.meta.meta_step import calibrated_log_temperature, calibration_hypergradient
     loader = build_meta_loader(meta_set, input_size=(1, args.img_size, args.img_size), batch_size=250, mean=MEAN,
                                std=STD, crop_pct=1.0, seed=a.seed)
     logits, targets, it = [], [], iter(loader)

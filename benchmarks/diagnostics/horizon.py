@@ -11,7 +11,7 @@ the 5% meta fraction for the estimators). For one fixed-temperature KD run (tied
   derivative of that metric w.r.t. ``log tau`` at horizon h. Top-1 is what the grid ranks; the
   calibrated NLL is its smooth companion.
 * **estimator**: at the same checkpoint, the look-ahead meta step's hypergradient
-  (``timm_mkd.meta_step.finite_difference_hypergradient``, its meta loss the cross-entropy at the batch's best
+  (``timm_mkd.meta.meta_step.finite_difference_hypergradient``, its meta loss the cross-entropy at the batch's best
   logit scale; rows named ``onestep:calibrated``) on ``--pairs`` (training batch, meta batch) pairs, each after
   one real optimizer update from the checkpoint; mean and standard error of the tied derivative
   ``d L_meta / d log tau`` (sum of the two components).
@@ -127,7 +127,7 @@ def restore(state, student, opt, sched):
 
 def estimator(student, opt, theta, batch, meta_x, meta_y, tau, rng_state):
     """d L_meta / d log tau (tied: sum of both components) by the one-step look-ahead."""
-    from timm_mkd import meta_step
+    from timm_mkd.meta import meta_step
     x, y, zt = batch
     tb = meta_step.TrainBatch(x, y, zt, rng_state)
     log_tau = torch.tensor(math.log(tau))
@@ -140,8 +140,8 @@ def main(argv=None):
     q = a.q
     torch.set_num_threads(a.threads)
     from timm.loss import SoftTargetCrossEntropy
-    from timm_mkd.meta_data import build_meta_loader
-    from timm_mkd.meta_step import capture_rng_state
+    from timm_mkd.data.meta_data import build_meta_loader
+    from timm_mkd.meta.meta_step import capture_rng_state
     train_set, meta_set, teacher_train, eval_set = quality.datasets(q)
     eval_loader = make_loader(eval_set, 500, training=False, img_size=q.img_size)
     teacher, _ = quality.get_teacher(q, teacher_train, None)

@@ -44,7 +44,7 @@ def main(argv=None):
     from timm.loss import SoftTargetCrossEntropy
     from timm.optim import create_optimizer_v2
     from timm_mkd import MKDTask
-    from timm_mkd.meta_data import build_meta_loader
+    from timm_mkd.data.meta_data import build_meta_loader
     from common import vit_student
 
     rows = []

@@ -6,7 +6,7 @@ has, per sample, its minimum over the student's logits where
     softmax(z_s) = m = (a * y + b * p_t(tau_t)) / (a + b)
 
 (its logit gradient is ``a (q - y) + b (q - p_t)``). The student does not learn ``p_t``: it learns this
-mixture of the label and the teacher. Calibrating ``p_t`` alone (``timm_mkd.calibration``) is right for pure
+mixture of the label and the teacher. Calibrating ``p_t`` alone (``timm_mkd.meta.calibration``) is right for pure
 distillation (``a = 0``) and wrong otherwise: in the mixture a confidently wrong teacher costs at most
 ``log((a + b) / a)`` nats where the label part is right, so the best teacher temperature for the mixture is
 usually sharper than the teacher's own calibrated one, and how much sharper depends on the student.
@@ -17,7 +17,7 @@ prediction ``q`` there. The objective is
     NLL(tau_t) = - mean_i log( alpha q_i[y_i] + (1 - alpha) softmax(z_t,i / tau_t)[y_i] ),  alpha = a / (a + b)
 
 on held-out meta views, which depends on the student (through ``q``) and on the teacher, needs no look-ahead
-(no short-horizon bias), and is ``timm_mkd.calibration``'s objective exactly when ``alpha = 0``.
+(no short-horizon bias), and is ``timm_mkd.meta.calibration``'s objective exactly when ``alpha = 0``.
 """
 import math
 from typing import Tuple
@@ -25,7 +25,7 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-from .loss import _is_soft
+from ..loss import _is_soft
 from .meta_parts import HyperGradient
 
 

@@ -27,7 +27,7 @@ TRAIN_STREAM = 'train'
 Needs no held-out data, but it is **biased**: the look-ahead has just descended on that very
 batch, so the meta loss favours temperatures that help fit it rather than ones that generalise.
 With mixup/cutmix its target is the soft ``[B, C]`` matrix, which ``meta_loss_fn`` accepts.
-Prefer a held-out fraction (``timm_mkd.meta_data.split_holdout``) or another split.
+Prefer a held-out fraction (``timm_mkd.data.meta_data.split_holdout``) or another split.
 """
 
 
@@ -62,7 +62,7 @@ class MetaBatchStream:
         return input.to(self.device, non_blocking=True), target.to(self.device, non_blocking=True)
 
     def state_dict(self) -> Dict:
-        """Where the source stands (``timm_mkd.meta_data.MetaBatches``); {} for other sources."""
+        """Where the source stands (``timm_mkd.data.meta_data.MetaBatches``); {} for other sources."""
         return self.source.state_dict() if hasattr(self.source, 'state_dict') else {}
 
     def load_state_dict(self, state: Dict) -> bool:
@@ -107,7 +107,7 @@ class MetaController:
 
     Args:
         temperatures: the ``Temperatures`` the meta step moves.
-        estimator: the hypergradient estimator (``timm_mkd.estimators``).
+        estimator: the hypergradient estimator (``timm_mkd.meta.estimators``).
         meta_interval: optimizer updates between meta steps.
         student: ``fn()``: the unwrapped student.
         loss_terms: ``fn()``: the training loss's ``LossTerms``.
@@ -268,7 +268,7 @@ class MetaController:
         """The counters (the skip policy's included) and the meta loader's position."""
         return {'updates': self.updates, 'meta_steps': self.meta_steps, 'meta_skipped': self.skips.skipped,
                 'meta_skipped_in_a_row': self.skips.in_a_row,
-                # Where the meta loader stands (timm_mkd.meta_data.MetaBatches), so resume draws the next batch.
+                # Where the meta loader stands (timm_mkd.data.meta_data.MetaBatches), so resume draws the next batch.
                 'meta_data': self.batches.state_dict()}
 
     def load_state(self, state: Dict) -> None:

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from .calibration import calibrated_log_temperature, calibration_hypergradient
 from .mixture import mixture_hypergradient, mixture_log_temperature
-from .config import MKDConfig
+from ..config import MKDConfig
 from .meta_parts import HyperGradient, TrainBatch
 from .meta_step import finite_difference_hypergradient
 
@@ -134,7 +134,7 @@ class CalibrationEstimator(Estimator):
 
 
 class MixtureEstimator(CalibrationEstimator):
-    """The held-out NLL of the student's effective target ``alpha q + (1 - alpha) p_t(tau_t)`` (``timm_mkd.mixture``).
+    """The held-out NLL of the student's effective target ``alpha q + (1 - alpha) p_t(tau_t)`` (``timm_mkd.meta.mixture``).
 
     ``alpha = task_weight / (task_weight + kd_weight)`` is the label's share of the training loss and ``q`` the
     student's prediction on the meta batch, so the temperature follows the student as well as the teacher; with

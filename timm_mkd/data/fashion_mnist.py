@@ -9,7 +9,7 @@ its reader both use the names without ``.gz`` and plain ``open()``, so symlinks 
 ``$XDG_CACHE_HOME``) and reuse it. Unpacking is atomic per file (write to a temporary name,
 then ``os.replace``), so processes running in parallel never see a half-written file.
 
-    python -m timm_mkd.fashion_mnist      # prints the root for --data-dir
+    python -m timm_mkd.data.fashion_mnist      # prints the root for --data-dir
 """
 import gzip
 import os

@@ -13,7 +13,7 @@ honest:
 (c) **the training stream itself**: ``MKDTask.attach(optimizer, 'train')`` reuses the current
     training batch inside the task (see ``timm_mkd.task.TRAIN_STREAM``). Biased, but needs no data.
 
-Sources (a) and (b) are read through ``build_meta_loader`` (``timm_mkd.meta_loader``): timm's *eval* transforms or,
+Sources (a) and (b) are read through ``build_meta_loader`` (``timm_mkd.data.meta_loader``): timm's *eval* transforms or,
 with ``train_transform``, the training augmentation (no mixup), a seeded per-rank shuffled shard, endless
 iteration, and a private RNG so that drawing meta batches never moves the training RNG stream.
 """

@@ -31,8 +31,8 @@ import torch.nn as nn
 from torch.func import functional_call
 
 from .calibration import calibrated_log_temperature, calibration_hypergradient  # noqa: F401 (re-exported)
-from .config import ESTIMATORS  # noqa: F401 (re-exported)
-from .loss import meta_loss_fn, two_temperature_kd_loss
+from ..config import ESTIMATORS  # noqa: F401 (re-exported)
+from ..loss import meta_loss_fn, two_temperature_kd_loss
 from .meta_parts import (HyperGradient, TrainBatch, buffer_copies, capture_rng_state,  # noqa: F401 (re-exported)
                          lookahead_jacobian, optimizer_params, replay_rng, tau_grads)
 

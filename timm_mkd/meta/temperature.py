@@ -17,7 +17,7 @@ from typing import Dict, Tuple
 import torch
 import torch.nn as nn
 
-from .config import MKDConfig
+from ..config import MKDConfig
 
 _logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-from .loss import _is_soft
+from ..loss import _is_soft
 from .meta_parts import HyperGradient
 
 

@@ -1,6 +1,6 @@
 """The meta loader: endless, per-rank sharded meta batches, resumable.
 
-``build_meta_loader`` turns a meta dataset (``timm_mkd.meta_data``: a held-out subset or another
+``build_meta_loader`` turns a meta dataset (``timm_mkd.data.meta_data``: a held-out subset or another
 split) into ``MetaBatches``: timm's *eval* transforms or the training augmentation (no mixup), a seeded
 per-rank shuffled shard, endless iteration, a private RNG (drawing meta batches never moves the training
 RNG stream) and a ``state_dict`` that resumes at the next batch.
