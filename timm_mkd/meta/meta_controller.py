@@ -213,7 +213,7 @@ class MetaController:
                 self.tau.jump_to(grad[0])
                 grad = torch.zeros_like(grad)  # the record's hypergradient: none was followed
                 _logger.info(f"MKD warm start (after update {self.updates}): tau_t {before:.4f} -> {self.tau.values()[0]:.4f}, "
-                             f"the teacher's calibrated temperature on the first meta batches (NLL {meta_loss:.4f})")
+                             f"the minimiser of the meta objective on the first meta batches (NLL {meta_loss:.4f})")
             else:
                 self.tau.step(grad)
             self._epoch_meta_losses.append(meta_loss)
