@@ -567,11 +567,28 @@ def plot_grouped_trajectories(traj_dir, png):
     return True
 
 
+def prepare_study(args):
+    """Data, the reporting loader and the cached (or newly trained) teacher, frozen, for one study configuration.
+
+    Returns:
+        ``(train_set, meta_set, eval_loader, teacher)``; ``args.teacher_sha`` is set.
+    """
+    from timm_mkd.augment_compat import fix_posterize_zero_bits
+    fix_posterize_zero_bits()  # the -inc1 RandAugment under Pillow >= 13
+    train_set, meta_set, teacher_train, eval_set = datasets(args)
+    eval_loader = make_loader(eval_set, 500, training=False, img_size=args.img_size)
+    # The teacher's own top-1 is always measured on the test split (it never sees the validation images).
+    teacher, _ = get_teacher(args, teacher_train, make_loader(
+        datasets(argparse.Namespace(**{**vars(args), 'tune': False}))[3], 500, training=False, img_size=args.img_size)
+        if args.tune else eval_loader)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return train_set, meta_set, eval_loader, teacher
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    from timm_mkd.augment_compat import fix_posterize_zero_bits
-    fix_posterize_zero_bits()  # the -inc1 RandAugment under Pillow >= 13
     os.makedirs(RESULTS, exist_ok=True)
     if args.report:
         if args.teacher_sha is None and os.path.isfile(teacher_path(args)):
@@ -584,13 +601,7 @@ def main(argv=None):
     interval, lr = mkd_defaults()
     print(f'quality study -> {args.csv}; configs {configs}, seeds {args.seeds}, {args.steps} steps x {args.batch_size}; '
           f'MKD meta interval {args.meta_interval or interval}, meta lr {args.meta_lr or lr}', flush=True)
-    train_set, meta_set, teacher_train, eval_set = datasets(args)
-    eval_loader = make_loader(eval_set, 500, training=False, img_size=args.img_size)
-    teacher, tinfo = get_teacher(args, teacher_train, make_loader(
-        datasets(argparse.Namespace(**{**vars(args), 'tune': False}))[3], 500, training=False, img_size=args.img_size)
-        if args.tune else eval_loader)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    train_set, meta_set, eval_loader, teacher = prepare_study(args)
     if args.teacher_only:
         return 0
     sig = schedule_sig(args)

@@ -24,7 +24,6 @@ import csv
 import fcntl
 import math
 import os
-import statistics
 import sys
 import time
 
@@ -32,7 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import quality  # noqa: E402
-from common import MEAN, STD, make_loader  # noqa: E402
+from common import MEAN, STD  # noqa: E402
 
 HEAVY = ['--aug', 'heavy', '--scale-min', '0.08', '--reprob', '0.25']
 CELLS = {
@@ -121,21 +120,12 @@ def append_locked(path, row):
 def prepare_cell(cell, args):
     """Data, cached teacher and its calibrated temperature for one cell."""
     qargs = cell_args(cell, args)
-    train_set, meta_set, teacher_train, eval_set = quality.datasets(qargs)
-    eval_loader = make_loader(eval_set, 500, training=False, img_size=qargs.img_size)
-    test_loader = eval_loader if not qargs.tune else make_loader(
-        quality.datasets(argparse.Namespace(**{**vars(qargs), 'tune': False}))[3], 500, training=False,
-        img_size=qargs.img_size)
-    teacher, _ = quality.get_teacher(qargs, teacher_train, test_loader)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    train_set, meta_set, eval_loader, teacher = quality.prepare_study(qargs)
     return qargs, teacher, train_set, meta_set, eval_loader, teacher_tau_cal(qargs, teacher, meta_set)
 
 
 def run(args):
     from timm_mkd import __version__
-    from timm_mkd.augment_compat import fix_posterize_zero_bits
-    fix_posterize_zero_bits()
     torch.set_num_threads(1)
     done = {(r['cell'], r['method'], float(r['tau']), r['variant'], int(r['seed']))
             for r in quality.read_rows(args.csv)}
