@@ -8,7 +8,10 @@ An estimator is any object with
 - ``warm_start_batches`` (int): meta batches ``solve`` wants for the first meta step (0: none);
 - ``__call__(inputs: MetaInputs) -> HyperGradient``: d meta objective / d (log tau_t, log tau_s);
 - ``solve(teacher_logits, targets, tau_min, tau_max) -> HyperGradient`` (only if ``warm_start_batches``):
-  the log-temperature to jump to, carried in ``grad[0]``.
+  the log-temperature to jump to, carried in ``grad[0]``;
+- ``needs_student`` (bool, optional): the estimator reads the student's predictions on meta batches
+  (``MetaInputs.student_probs``), and ``solve`` also takes them as ``student_probs=`` with ``loss=`` (the
+  training loss's ``LossTerms``).
 
 ``build_estimator(config)`` returns the built-in one that ``MKDConfig.estimator`` names;
 ``MKDTask(hypergradient=...)`` takes any other object with this interface, so a new estimator
@@ -73,7 +76,7 @@ class MetaInputs:
 class Estimator:
     """Base of the built-in estimators (see the module docstring for the interface)."""
     needs_lookahead = True
-    needs_student = False  # solve() also takes student_probs= and loss= (the student's view of the meta batches)
+    needs_student = False
     warm_start_batches = 0
 
     def __call__(self, inputs: MetaInputs) -> HyperGradient:
@@ -158,9 +161,9 @@ class MixtureEstimator(CalibrationEstimator):
         return mixture_hypergradient(logits, inputs.student_probs(inputs.meta_input),
                                      inputs.meta_target, inputs.log_taus, self.alpha(inputs.loss))
 
-    def solve(self, teacher_logits: torch.Tensor, targets: torch.Tensor, tau_min: float, tau_max: float,
-              student_probs: Optional[torch.Tensor] = None, loss: Optional[LossTerms] = None) -> HyperGradient:
-        """The exact minimiser on the given meta batches (``student_probs`` and ``loss`` are required).
+    def solve(self, teacher_logits: torch.Tensor, targets: torch.Tensor, tau_min: float, tau_max: float, *,
+              student_probs: torch.Tensor, loss: LossTerms) -> HyperGradient:
+        """The exact minimiser on the given meta batches, for the student's predicted probabilities there.
 
         Returns:
             ``HyperGradient`` whose ``grad[0]`` is ``log tau*`` and whose ``meta_loss`` is the NLL there.

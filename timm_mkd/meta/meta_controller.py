@@ -245,7 +245,7 @@ class MetaController:
 
     def _warm_start(self, meta_input: torch.Tensor, meta_target: torch.Tensor):
         """The estimator's solution on ``warm_start_batches`` meta batches (this one and the next ones)."""
-        student = getattr(self.estimator, 'needs_student', False)
+        student = getattr(self.estimator, 'needs_student', False)  # optional for estimators not built on Estimator
         logits, targets, probs = [], [], []
         for i in range(self.estimator.warm_start_batches if not self.batches.train_stream else 1):
             if i:
