@@ -81,10 +81,11 @@ def plot(groups, csv_path, png_path):
     import matplotlib.ticker
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    from timm_mkd.plot import read_temperatures
+    from timm_mkd.plot import read_temperatures, temperature_limits, temperature_ticks
     cells = list(groups)
     fig, axes = plt.subplots(2, len(cells), figsize=(3.1 * len(cells), 5.6), squeeze=False)
     traj_root = os.path.splitext(csv_path)[0] + '_trajectories'
+    taus = []
     for i, cell in enumerate(cells):
         ax, tx = axes[0][i], axes[1][i]
         for k, runs in sorted(groups[cell].items()):
@@ -109,15 +110,20 @@ def plot(groups, csv_path, png_path):
         folder = os.path.join(traj_root, cell)
         for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
             log = read_temperatures(os.path.join(folder, name))
-            default = name.startswith('mixture')
+            # quality.run_student names the defaults' logs '..._defaults_seedS.csv'; the committed H200 logs
+            # are 'mixture_seedS.csv' (defaults) and 'calibration_seedS.csv'.
+            default = '_defaults_' in name or name.startswith('mixture')
             tx.plot(log['step'], log['tau_t'], color='C3' if default else 'C0', lw=1.2, alpha=0.8)
-        tx.set_yscale('log')
-        tx.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        tx.set_ylim(0.8, 4)
-        tx.set_yticks([1, 1.5, 2, 3, 4])
-        tx.set_yticklabels(['1', '1.5', '2', '3', '4'])
+            taus += [t for t in log['tau_t'] if t == t]
         tx.set_xlabel('optimizer update', fontsize=8)
         tx.grid(alpha=0.3)
+    low, high = temperature_limits(taus + [1.0, 4.0])  # one log axis for every cell, tau 1 to 4 at least
+    for tx in axes[1]:
+        tx.set_yscale('log')
+        tx.set_ylim(low, high)
+        tx.yaxis.set_major_locator(matplotlib.ticker.FixedLocator(temperature_ticks(low, high)))
+        tx.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f'{v:.3g}'))
+        tx.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     axes[0][0].set_ylabel('top-1 (%)')
     axes[1][0].set_ylabel('MKD tau_t (red: defaults, blue: calibration)')
     axes[0][0].legend(fontsize=6)
