@@ -86,6 +86,22 @@ def parse_method(spec):
     return parts[0], float(parts[1]), (parts[2].split(',') if len(parts) > 2 and parts[2] else [])
 
 
+def set_method_args(qargs, kw):
+    """Put a method's ``KEY=VALUE`` settings on ``quality.py``'s arguments (``meta_views`` has its own)."""
+    qargs.meta_views = next((v.split('=', 1)[1] for v in kw if v.startswith('meta_views=')), 'auto')
+    qargs.mkd_kw = [v for v in kw if not v.startswith('meta_views=')]
+
+
+def job_key(seed, cell, spec, args):
+    """The CSV key ``(cell, method, tau, variant, seed)`` of one job."""
+    method, tau, kw = parse_method(spec)
+    if method != 'mkd':
+        return cell, method, tau, '', seed
+    qargs = cell_args(cell, args)
+    set_method_args(qargs, kw)
+    return cell, method, tau, quality.variant_name(qargs), seed
+
+
 def teacher_tau_cal(qargs, teacher, meta_set) -> float:
     """The teacher's calibrated temperature on the cell's training views of the held-out meta images."""
     from timm_mkd.meta.calibration import calibrated_log_temperature
@@ -131,7 +147,8 @@ def run(args):
             for r in quality.read_rows(args.csv)}
     k, n = (int(v) for v in args.shard.split('/'))
     jobs = [(seed, cell, m) for seed in args.seeds for cell in args.cells for m in args.methods]
-    jobs = jobs[k::n]
+    # Finished runs are dropped before sharding, so a resumed study still spreads its work over every process.
+    jobs = [j for j in jobs if job_key(*j, args) not in done][k::n]
     cells = {}
     for cell in (args.cells if args.teachers_only else sorted({c for _, c, _ in jobs})):
         cells[cell] = prepare_cell(cell, args)
@@ -142,11 +159,8 @@ def run(args):
     for seed, cell, spec in jobs:
         method, tau, kw = parse_method(spec)
         qargs, teacher, train_set, meta_set, eval_loader, tau_cal = cells[cell]
-        qargs.meta_views = next((v.split('=', 1)[1] for v in kw if v.startswith('meta_views=')), 'auto')
-        qargs.mkd_kw = [v for v in kw if not v.startswith('meta_views=')]
-        variant = (quality.variant_name(qargs) if method == 'mkd' else '')
-        if (cell, method, tau, variant, seed) in done:
-            continue
+        set_method_args(qargs, kw)
+        variant = quality.variant_name(qargs) if method == 'mkd' else ''
         t0 = time.time()
         row = quality.run_student(qargs, method, tau, seed, teacher, train_set, meta_set, eval_loader)
         row.update(cell=cell, variant=variant, teacher_tau_cal=round(tau_cal, 4), split=row['eval_split'],
