@@ -87,9 +87,9 @@ def test_loaded_temperatures_are_projected_onto_the_bounds(caplog):
     """A state saved at tau_t 10 resumed by a run with tau_max 4 trains at 4, and the log names the bound."""
     torch.manual_seed(123)
     teacher = SmallCNN(width=16, drop=0.0)
-    saved = MKDTask(SmallCNN(drop=0.0), teacher, tau_t=10.0, tau_s=1.0, tie_temperatures=False, verbose=False)
+    saved = MKDTask(SmallCNN(drop=0.0), teacher, tau_t=10.0, tau_s=1.0, learn_tau_s=False, verbose=False)
     state = saved.get_task_state()
-    resumed = MKDTask(SmallCNN(drop=0.0), teacher, tau_t=2.0, tau_s=1.0, tau_max=4.0, tie_temperatures=False,
+    resumed = MKDTask(SmallCNN(drop=0.0), teacher, tau_t=2.0, tau_s=1.0, tau_max=4.0, learn_tau_s=False,
                       verbose=False)
     with caplog.at_level('WARNING', logger='timm_mkd'):
         resumed.load_task_state(state)

@@ -80,9 +80,10 @@ def test_temperature_mode_flags_default_to_the_core():
     params = inspect.signature(MKDTask).parameters
     _, opts = parse('--mkd', '--teacher', 'resnet18')
     kw = opts.task_kwargs()
-    for key in ('tau_t', 'tau_s', 'tie_temperatures', 'learn_tau_s', 'estimator', 'meta_interval', 'meta_lr',
+    for key in ('tau_t', 'tie_temperatures', 'learn_tau_s', 'estimator', 'meta_interval', 'meta_lr',
                 'warm_start_batches', 'fd_precision'):
         assert kw[key] == params[key].default, key
+    assert params['tau_s'].default is None and kw['tau_s'] == kw['tau_t']  # None: tau_t's, as the core resolves it
     with pytest.raises(SystemExit):
         parse('--mkd', '--teacher', 'resnet18', '--mkd-temperatures', 'loose')
 

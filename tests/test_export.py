@@ -41,7 +41,7 @@ def run_dir(tmp_path_factory):
     student = _student()
     torch.manual_seed(1)
     task = MKDTask(student, teacher, meta_interval=2, meta_lr=0.1, tau_t=2.0, tau_s=3.0, tau_min=0.25,
-                   verbose=False)
+                   learn_tau_s=False, verbose=False)
     opt = torch.optim.SGD(student.parameters(), lr=0.01)
     task.attach(opt, [fmnist_batches(16, offset=5000)])
     for i in range(6):

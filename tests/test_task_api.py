@@ -1,4 +1,5 @@
 """MKDTask as a timm TrainingTask: result dict, frozen teacher, compile, EMA."""
+import pytest
 import torch
 from timm.task import TrainingTask
 
@@ -155,7 +156,7 @@ def test_tied_temperatures_keep_their_ratio_at_the_bounds():
     tau.jump_to(torch.tensor(math.log(0.1)))
     tau_t, tau_s = tau.values()
     assert math.isclose(tau_s, 0.5, rel_tol=1e-5) and math.isclose(tau_t / tau_s, 1.5, rel_tol=1e-5)
-    free = Temperatures(MKDConfig(tau_t=3.0, tau_s=2.0, tie_temperatures=False))
+    free = Temperatures(MKDConfig(tau_t=3.0, tau_s=2.0, learn_tau_s=False))
     free.jump_to(torch.tensor(math.log(30.0)))
     assert math.isclose(free.values()[0], 20.0, rel_tol=1e-5) and math.isclose(free.values()[1], 2.0, rel_tol=1e-6)
 
@@ -183,3 +184,15 @@ def test_free_tau_s_is_refused_where_the_estimator_gives_it_no_gradient():
     _train(task, opt, *fmnist_batches(16), steps=2)
     tau_t, tau_s = task.temperatures()
     assert task.meta_steps == 2 and tau_t != 3.0 and tau_s != 2.0 and not math.isclose(tau_t / tau_s, 1.5, rel_tol=1e-3)
+
+
+def test_student_temperature_defaults_to_the_teachers_when_learned():
+    """By default tau_s is learned, tied, and starts at tau_t (a run starts as timm's KD at tau_t); held fixed it
+    starts at 1 unless given."""
+    from timm_mkd.config import MKDConfig
+    assert MKDConfig().learn_tau_s and MKDConfig().tied
+    assert (MKDConfig(tau_t=4.0).tau_t, MKDConfig(tau_t=4.0).tau_s) == (4.0, 4.0)
+    assert MKDConfig(tau_t=4.0, learn_tau_s=False).tau_s == 1.0
+    assert MKDConfig(tau_t=4.0, tau_s=2.0).tau_s == 2.0
+    task = MKDTask(SmallCNN(drop=0.0), SmallCNN(width=16, drop=0.0), tau_t=3.0, verbose=False)
+    assert task.temperatures() == pytest.approx((3.0, 3.0))

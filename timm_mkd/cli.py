@@ -76,10 +76,9 @@ _FLAGS = {
     'mkd_meta_lr': (dict(type=float, metavar='LR'),
                     'Learning rate of the Adam meta optimizer on the log-temperatures'),
     'mkd_temperatures': (dict(choices=tuple(TEMPERATURE_MODES)),
-                         'teacher: only tau_t is learned, the student temperature stays at --mkd-tau-s, so the '
-                         'student matches the teacher\'s calibrated distribution at the temperature it predicts with; '
                          'tied: one meta step moves both log-temperatures together, so tau_t / tau_s keeps its '
-                         'initial value; free: each moves on its own, lookahead estimator only (the others give tau_s '
+                         'initial value (from equal values: timm\'s KD at the learned temperature); teacher: only '
+                         'tau_t is learned, the student temperature stays at --mkd-tau-s; free: each moves on its own, lookahead estimator only (the others give tau_s '
                          'no gradient; the one-step meta-gradient drives tau_s above tau_t, which costs accuracy in '
                          'benchmarks/results)'),
     'mkd_estimator': (dict(choices=ESTIMATORS),
@@ -108,7 +107,8 @@ _FLAGS = {
                        'eval: timm\'s eval transform; auto: train for the mixture and calibration estimators, eval '
                        'for lookahead'),
 }
-_HELP_DEFAULT = {'mkd': None, 'teacher': None, 'teacher_checkpoint': None, 'mkd_meta_batch_size': '--batch-size'}
+_HELP_DEFAULT = {'mkd': None, 'teacher': None, 'teacher_checkpoint': None, 'mkd_meta_batch_size': '--batch-size',
+                 'mkd_tau_s': '--mkd-tau-t'}
 
 
 class MKDArgumentError(ValueError):

@@ -10,7 +10,7 @@ Errors are ``MKDConfigError`` (a ``ValueError``) and speak in the option names o
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 __all__ = [
     'ESTIMATORS', 'FD_PRECISIONS', 'KD_SCALES', 'META_OPTIMIZERS', 'META_VIEWS', 'TAU_T_ONLY_ESTIMATORS',
@@ -57,7 +57,8 @@ class MKDConfig:
 
     Args:
         tau_t: initial teacher temperature.
-        tau_s: initial student temperature.
+        tau_s: initial student temperature; None (the default): ``tau_t``'s when ``tau_s`` is learned, so a run
+            starts as timm's KD at ``tau_t`` and the tied meta step keeps the two equal, and 1 when it is fixed.
         tau_min: lower bound of both temperatures (> 0). 1 by default: no temperature sharpens its logits. The
             teacher's held-out calibrated temperature can lie below 1 (0.87-0.96 measured: clean held-out images are
             easier than the augmented training views the KD target is computed on, where the same teachers calibrate
@@ -65,9 +66,11 @@ class MKDConfig:
             average in all three studies (``benchmarks/results``).
         tau_max: upper bound of both temperatures (> tau_min).
         learn_tau_t: let the meta step move ``tau_t``.
-        learn_tau_s: let the meta step move ``tau_s``. Off by default: the student keeps ``tau_s`` (1), so it
-            matches the teacher's calibrated distribution at the temperature it predicts with. Untied (or with
-            ``tau_t`` fixed) only the ``'lookahead'`` estimator moves it: the others give ``tau_s`` no gradient.
+        learn_tau_s: let the meta step move ``tau_s``. On by default, tied to ``tau_t``: the student softens its
+            logits by the same temperature as the teacher, so every point the meta step visits is timm's KD at one
+            temperature (a student at 1 under a softer teacher lost 0.8-1.0 points to KD at 1 in the CNN cells of
+            ``benchmarks/results``). Untied (or with ``tau_t`` fixed) only the ``'lookahead'`` estimator moves it: the
+            others give ``tau_s`` no gradient, so ``learn_tau_s=False`` keeps it at its initial value.
         tie_temperatures: move both log-temperatures by the same amount (ignored when one is fixed).
         meta_interval: optimizer updates between meta steps (>= 1).
         meta_lr: learning rate of the meta optimizer on the log-temperatures.
@@ -87,11 +90,11 @@ class MKDConfig:
         MKDConfigError: at construction, for the first unusable value.
     """
     tau_t: float = 1.0
-    tau_s: float = 1.0
+    tau_s: Optional[float] = None
     tau_min: float = 1.0
     tau_max: float = 20.0
     learn_tau_t: bool = True
-    learn_tau_s: bool = False
+    learn_tau_s: bool = True
     tie_temperatures: bool = True
     meta_interval: int = 10
     meta_lr: float = 0.02
@@ -103,6 +106,8 @@ class MKDConfig:
     warm_start_batches: int = 4
 
     def __post_init__(self):
+        if self.tau_s is None:
+            object.__setattr__(self, 'tau_s', self.tau_t if self.learn_tau_s else 1.0)
         _check_count('meta_interval', self.meta_interval, 1, 'the number of optimizer updates between meta steps, '
                                                              'so it must be >= 1, e.g. 20')
         _check_positive('meta_lr', self.meta_lr)

@@ -162,7 +162,7 @@ class MKDTask(_MetaStepAPI, LogitDistillationTask):
             meta_autocast: Optional[Callable] = None,
             hypergradient=None,
             tau_t: float = MKDConfig.tau_t,
-            tau_s: float = MKDConfig.tau_s,
+            tau_s: Optional[float] = MKDConfig.tau_s,
             tau_min: float = MKDConfig.tau_min,
             tau_max: float = MKDConfig.tau_max,
             learn_tau_t: bool = MKDConfig.learn_tau_t,

@@ -92,10 +92,9 @@ class Temperatures(nn.Module):
         """
         with torch.no_grad():
             target = log_tau_t.to(self.log_tau_t)
-            delta = target - self.log_tau_t
+            if self.tied:  # the log-ratio is added to the copy: equal temperatures land bit-identically on target
+                self.log_tau_s.copy_(target + (self.log_tau_s - self.log_tau_t).to(target))
             self.log_tau_t.copy_(target)
-            if self.tied:
-                self.log_tau_s.add_(delta.to(self.log_tau_s))
         self.project_()
 
     def values(self) -> Tuple[float, float]:
