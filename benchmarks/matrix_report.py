@@ -75,6 +75,18 @@ def report(csv_path, png_path=None):
     return '\n'.join(text)
 
 
+def _log_variant(name):
+    """The variant of a trajectory log: ``quality.run_student`` writes ``mkd_tau1_N10_lr0.02_<variant>_seedS.csv``, the
+    committed logs are ``<variant>_seedS.csv``."""
+    stem = name.rsplit('_seed', 1)[0]
+    return 'defaults' if stem == 'defaults' or stem.endswith('_defaults') else stem
+
+
+def _colour(variant):
+    """Red for the library defaults, blue for the previous release's, other colours for other variants."""
+    return {'defaults': 'C3', 'defaults-0.2.0': 'C0'}.get(variant, 'C2')
+
+
 def plot(groups, csv_path, png_path):
     """Per cell: top-1 of KD at each tau (mean and seeds) and of MKD at its final tau_t; below, MKD's tau_t."""
     import matplotlib
@@ -97,9 +109,9 @@ def plot(groups, csv_path, png_path):
                             fmt='o', color='k', ms=5, capsize=3, label='KD (fixed tau)' if tau == 1 else None)
             else:
                 tau = statistics.mean(float(r['tau_t_final']) for r in runs.values())
-                colour = 'C3' if k == 'MKD' else 'C0'
+                variant = 'defaults' if k == 'MKD' else k[5:-1]
                 ax.errorbar(tau, statistics.mean(top), yerr=statistics.stdev(top) if len(top) > 1 else 0, fmt='D',
-                            color=colour, ms=6, capsize=3, label='MKD (defaults)' if k == 'MKD' else 'MKD, calibration')
+                            color=_colour(variant), ms=6, capsize=3, label=f'MKD, {variant}' if i == 0 else None)
         ax.set_xscale('log')
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xticks([1, 2, 4])
@@ -110,10 +122,7 @@ def plot(groups, csv_path, png_path):
         folder = os.path.join(traj_root, cell)
         for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
             log = read_temperatures(os.path.join(folder, name))
-            # quality.run_student names the defaults' logs '..._defaults_seedS.csv'; the committed H200 logs
-            # are 'mixture_seedS.csv' (defaults) and 'calibration_seedS.csv'.
-            default = '_defaults_' in name or name.startswith('mixture')
-            tx.plot(log['step'], log['tau_t'], color='C3' if default else 'C0', lw=1.2, alpha=0.8)
+            tx.plot(log['step'], log['tau_t'], color=_colour(_log_variant(name)), lw=1.2, alpha=0.8)
             taus += [t for t in log['tau_t'] if t == t]
         tx.set_xlabel('optimizer update', fontsize=8)
         tx.grid(alpha=0.3)
@@ -125,7 +134,7 @@ def plot(groups, csv_path, png_path):
         tx.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f'{v:.3g}'))
         tx.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     axes[0][0].set_ylabel('top-1 (%)')
-    axes[1][0].set_ylabel('MKD tau_t (red: defaults, blue: calibration)')
+    axes[1][0].set_ylabel('MKD tau_t (colours as above)')
     axes[0][0].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
