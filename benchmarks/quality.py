@@ -290,7 +290,7 @@ def run_student(args, method, tau, seed, teacher, train_set, meta_set, eval_load
         from timm_mkd.config import MKDConfig
         kw, overrides = {'tau_t': tau}, mkd_kwargs(args)
         # The initial tau is the student's too when the student temperature learns (or --fixed-tau-s holds it
-        # there); otherwise tau_s keeps the library's default (1: the default learns tau_t only).
+        # there); otherwise tau_s keeps its initial value 1 (learn_tau_s=False).
         if args.fixed_tau_s or overrides.get('learn_tau_s', MKDConfig.defaults()['learn_tau_s']):
             kw['tau_s'] = tau
         if args.meta_interval is not None:

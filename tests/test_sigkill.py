@@ -34,7 +34,7 @@ CHILD = textwrap.dedent('''
     teacher = briefly_trained_teacher()
     torch.manual_seed(0)
     student = SmallCNN(drop=0.1)
-    task = MKDTask(student, teacher, meta_interval=2, meta_lr=0.05, tau_min=0.25, verbose=False)
+    task = MKDTask(student, teacher, meta_interval=2, meta_lr=0.05, tau_min=0.1, verbose=False)
     opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9)
     task.attach(opt, [fmnist_batches(32, offset=9000)])
     log = TemperatureLog.in_dir(out, enabled=True)
@@ -77,7 +77,7 @@ def test_sigkill_mid_epoch_then_resume(tmp_path):
 
     torch.manual_seed(1)
     student = SmallCNN(drop=0.1)
-    task = MKDTask(student, SmallCNN(width=16, drop=0.0), meta_interval=2, meta_lr=0.05, tau_min=0.25, verbose=False)
+    task = MKDTask(student, SmallCNN(width=16, drop=0.0), meta_interval=2, meta_lr=0.05, tau_min=0.1, verbose=False)
     opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9)
     resume_task_checkpoint(task, newest, optimizer=opt, log_info=False)
     assert torch.equal(task.tau.log_tau_t, saved['log_tau_t']) and torch.equal(task.tau.log_tau_s, saved['log_tau_s'])

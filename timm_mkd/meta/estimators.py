@@ -141,7 +141,8 @@ class MixtureEstimator(CalibrationEstimator):
 
     ``alpha = task_weight / (task_weight + kd_weight)`` is the label's share of the training loss and ``q`` the
     student's prediction on the meta batch, so the temperature follows the student as well as the teacher; with
-    no task term it is ``CalibrationEstimator``. Exact for the student at temperature 1 (the default).
+    no task term it is ``CalibrationEstimator``. Exact for the student at temperature 1; tied (the default) it picks
+    the shared temperature.
 
     Args:
         config: ``warm_start_batches`` is read.

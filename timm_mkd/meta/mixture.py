@@ -17,7 +17,9 @@ prediction ``q`` there. The objective is
     NLL(tau_t) = - mean_i log( alpha q_i[y_i] + (1 - alpha) softmax(z_t,i / tau_t)[y_i] ),  alpha = a / (a + b)
 
 on held-out meta views, which depends on the student (through ``q``) and on the teacher, needs no look-ahead
-(no short-horizon bias), and is ``timm_mkd.meta.calibration``'s objective exactly when ``alpha = 0``.
+(no short-horizon bias), and is ``timm_mkd.meta.calibration``'s objective exactly when ``alpha = 0``. With the
+temperatures tied (``MKDTask``'s default) the same objective picks the shared temperature: a choice measured on
+the validation split (``benchmarks/results``), not derived; ``q`` stays the student's prediction at temperature 1.
 """
 import math
 from typing import Tuple
