@@ -129,3 +129,23 @@ def test_skips_in_a_row_travel_in_the_task_state():
     older, _ = _skipping_task()
     older.load_task_state(state)
     assert older.meta.skips.in_a_row == 0 and older.meta_skipped == 4
+
+
+def test_a_state_saved_with_tau_s_held_names_the_setting_to_resume_with():
+    """A checkpoint of a run that held tau_s (the default before 0.3.0) resumed under the tied default: one error
+    naming learn_tau_s=False, raised before any temperature changes; with that setting it resumes."""
+    import pytest
+    teacher = SmallCNN(width=16, drop=0.0)
+    saved = MKDTask(SmallCNN(drop=0.0), teacher, tau_t=3.0, learn_tau_s=False, verbose=False)
+    state = saved.get_task_state()
+    tied = MKDTask(SmallCNN(drop=0.0), teacher, verbose=False)
+    with pytest.raises(RuntimeError, match=r'saved with 1 learnable temperature\(s\), this run learns 2; resume with '
+                                           r'learn_tau_s=False'):
+        tied.load_task_state(state)
+    assert tied.temperatures() == (1.0, 1.0)
+    held = MKDTask(SmallCNN(drop=0.0), teacher, learn_tau_s=False, verbose=False)
+    held.load_task_state(state)
+    assert held.temperatures() == (3.0, 1.0)
+    with pytest.raises(RuntimeError, match=r'saved with 2 learnable .* learns 1; resume with learn_tau_t=True and '
+                                           r'learn_tau_s=True'):
+        held.load_task_state(tied.get_task_state())

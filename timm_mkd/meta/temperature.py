@@ -116,8 +116,10 @@ class Temperatures(nn.Module):
         the bound that moved them.
 
         Raises:
-            RuntimeError: when the meta-optimizer state does not fit (other learnable temperatures).
+            RuntimeError: when the meta-optimizer state does not fit (other learnable temperatures), before anything
+                is changed; the message names the ``learn_tau_s`` setting the checkpoint was saved with.
         """
+        self._check_fits(state['meta_optimizer'])
         with torch.no_grad():
             self.log_tau_t.copy_(state['log_tau_t'])
             self.log_tau_s.copy_(state['log_tau_s'])
@@ -130,12 +132,18 @@ class Temperatures(nn.Module):
                          f'the bounds [{self.tau_min:g}, {self.tau_max:g}] (tied to the other temperature)')
                 _logger.warning(f"MKD: the loaded {name}={before:.6g} lies outside this run's bounds; projected "
                                 f"onto {bound}: {name}={after:.6g}")
-        try:
-            self.optimizer.load_state_dict(state['meta_optimizer'])
-        except ValueError as e:
-            raise RuntimeError(
-                f"the checkpoint's MKD meta-optimizer state does not fit this run ({e}); were different "
-                f"temperatures learnable when it was saved?") from e
+        self.optimizer.load_state_dict(state['meta_optimizer'])
+
+    def _check_fits(self, optimizer_state: Dict) -> None:
+        """Refuse a meta-optimizer state saved with another number of learnable temperatures, naming the fix."""
+        saved = sum(len(g['params']) for g in optimizer_state['param_groups'])
+        here = len(self.learnable())
+        if saved == here or (saved == 1 and here == 0):  # nothing learnable keeps one placeholder parameter
+            return
+        fix = ('learn_tau_s=False (tau_s held, the default before 0.3.0)' if saved == 1 else
+               'learn_tau_t=True and learn_tau_s=True (the default)')
+        raise RuntimeError(f"the checkpoint's MKD state was saved with {saved} learnable temperature(s), this run "
+                           f"learns {here}; resume with {fix}, as the run that saved it.")
 
     def extra_repr(self) -> str:
         tau_t, tau_s = self.values()
