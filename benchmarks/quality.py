@@ -287,18 +287,14 @@ def run_student(args, method, tau, seed, teacher, train_set, meta_set, eval_load
         task = LogitDistillationTask(student, teacher, criterion=criterion, temperature=tau, verbose=False,
                                      device=device)
     elif method == 'mkd':
-        from timm_mkd.config import MKDConfig
         kw, overrides = {'tau_t': tau}, mkd_kwargs(args)
-        # The initial tau is the student's too when the student temperature learns (or --fixed-tau-s holds it
-        # there); otherwise tau_s keeps its initial value 1 (learn_tau_s=False).
-        if args.fixed_tau_s or overrides.get('learn_tau_s', MKDConfig.defaults()['learn_tau_s']):
-            kw['tau_s'] = tau
+        # MKDConfig starts a learned student temperature at tau_t and a held one at 1; --fixed-tau-s holds it at tau.
+        if args.fixed_tau_s:
+            kw.update(tau_s=tau, learn_tau_s=False)
         if args.meta_interval is not None:
             kw['meta_interval'] = args.meta_interval
         if args.meta_lr is not None:
             kw['meta_lr'] = args.meta_lr
-        if args.fixed_tau_s:
-            kw['learn_tau_s'] = False
         kw.update(overrides)
         task = MKDTask(student, teacher, criterion=criterion, student_mean=MEAN,
                        student_std=STD, verbose=False, device=device, **kw)

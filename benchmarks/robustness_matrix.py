@@ -146,21 +146,20 @@ def run(args):
     done = {(r['cell'], r['method'], float(r['tau']), r['variant'], int(r['seed']))
             for r in quality.read_rows(args.csv)}
     k, n = (int(v) for v in args.shard.split('/'))
-    jobs = [(seed, cell, m) for seed in args.seeds for cell in args.cells for m in args.methods]
+    jobs = [(seed, cell, m, job_key(seed, cell, m, args)) for seed in args.seeds for cell in args.cells
+            for m in args.methods]
     # Finished runs are dropped before sharding, so a resumed study still spreads its work over every process.
-    jobs = [j for j in jobs if job_key(*j, args) not in done][k::n]
+    jobs = [j for j in jobs if j[3] not in done][k::n]
     cells = {}
-    for cell in (args.cells if args.teachers_only else sorted({c for _, c, _ in jobs})):
+    for cell in (args.cells if args.teachers_only else sorted({j[1] for j in jobs})):
         cells[cell] = prepare_cell(cell, args)
         print(f'cell {cell}: teacher {cells[cell][0].teacher_sha}, calibrated tau on its training views '
               f'{cells[cell][5]:.3f}', flush=True)
     if args.teachers_only:
         return
-    for seed, cell, spec in jobs:
-        method, tau, kw = parse_method(spec)
+    for seed, cell, spec, (_, method, tau, variant, _) in jobs:
         qargs, teacher, train_set, meta_set, eval_loader, tau_cal = cells[cell]
-        set_method_args(qargs, kw)
-        variant = quality.variant_name(qargs) if method == 'mkd' else ''
+        set_method_args(qargs, parse_method(spec)[2])
         t0 = time.time()
         row = quality.run_student(qargs, method, tau, seed, teacher, train_set, meta_set, eval_loader)
         row.update(cell=cell, variant=variant, teacher_tau_cal=round(tau_cal, 4), split=row['eval_split'],

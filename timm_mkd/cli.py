@@ -78,9 +78,9 @@ _FLAGS = {
     'mkd_temperatures': (dict(choices=tuple(TEMPERATURE_MODES)),
                          'tied: one meta step moves both log-temperatures together, so tau_t / tau_s keeps its '
                          'initial value (from equal values: timm\'s KD at the learned temperature); teacher: only '
-                         'tau_t is learned, the student temperature stays at --mkd-tau-s; free: each moves on its own, lookahead estimator only (the others give tau_s '
-                         'no gradient; the one-step meta-gradient drives tau_s above tau_t, which costs accuracy in '
-                         'benchmarks/results)'),
+                         'tau_t is learned, the student temperature stays at --mkd-tau-s; free: each moves on its '
+                         'own, lookahead estimator only (the others give tau_s no gradient; the one-step '
+                         'meta-gradient drives tau_s above tau_t, which costs accuracy in benchmarks/results)'),
     'mkd_estimator': (dict(choices=ESTIMATORS),
                       'How the meta step estimates the temperature gradient. mixture: the held-out NLL of what the '
                       'student trains toward, the mix of its own prediction and the teacher at tau_t weighted as the '

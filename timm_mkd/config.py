@@ -69,8 +69,9 @@ class MKDConfig:
         learn_tau_s: let the meta step move ``tau_s``. On by default, tied to ``tau_t``: the student softens its
             logits by the same temperature as the teacher, so every point the meta step visits is timm's KD at one
             temperature (a student at 1 under a softer teacher lost 0.80-1.04 points to KD at 1 in the heavy CNN
-            cell of ``benchmarks/results``'s robustness matrix). Untied (or with ``tau_t`` fixed) only the ``'lookahead'`` estimator moves it: the
-            others give ``tau_s`` no gradient, so ``learn_tau_s=False`` keeps it at its initial value.
+            cell of ``benchmarks/results``'s robustness matrix). Untied (or with ``tau_t`` fixed) only the
+            ``'lookahead'`` estimator moves it: the others give ``tau_s`` no gradient, so ``learn_tau_s=False``
+            keeps it at its initial value.
         tie_temperatures: move both log-temperatures by the same amount (ignored when one is fixed).
         meta_interval: optimizer updates between meta steps (>= 1).
         meta_lr: learning rate of the meta optimizer on the log-temperatures.
