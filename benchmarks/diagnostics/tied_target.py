@@ -45,6 +45,7 @@ def fixed_point_logits(z_t, q, tau, alpha, iters=40):
 
 
 def objectives(z_t, q, y, taus, alpha):
+    """``[(tau, mixture NLL, fixed-point NLL)]`` on one set of meta rows (float64 logits and probabilities)."""
     onehot = F.one_hot(y, z_t.shape[-1]).double()
     out = []
     for tau in taus:
