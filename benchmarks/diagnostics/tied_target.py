@@ -14,6 +14,7 @@ import csv
 import math
 import os
 import sys
+import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 import quality  # noqa: E402
 import robustness_matrix as rm  # noqa: E402
 from common import MEAN, STD  # noqa: E402
+from timm_mkd.meta.mixture import mixture_nll  # noqa: E402
 
 
 def fixed_point_logits(z_t, q, tau, alpha, iters=40):
@@ -49,8 +51,7 @@ def objectives(z_t, q, y, taus, alpha):
     onehot = F.one_hot(y, z_t.shape[-1]).double()
     out = []
     for tau in taus:
-        m = alpha * q + (1 - alpha) * F.softmax(z_t / tau, -1)
-        mix = float(-(onehot * m.clamp_min(1e-300).log()).sum(-1).mean())
+        mix = float(mixture_nll(z_t, q, onehot, torch.tensor(math.log(tau), dtype=z_t.dtype), alpha))
         zs = fixed_point_logits(z_t, q, tau, alpha)
         fp = float(-(onehot * F.log_softmax(zs, -1)).sum(-1).mean())
         out.append((tau, mix, fp))
@@ -62,13 +63,16 @@ def main(argv=None):
     p.add_argument('--cell', default='cnn-heavy-mild', choices=list(rm.CELLS))
     p.add_argument('--method', default='kd:1')
     p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--probes', type=int, nargs='+', default=[300, 600, 1000])
+    p.add_argument('--probes', type=int, nargs='+', default=[300, 600, 1000],
+                   help='updates to probe at; the run, and its learning-rate schedule, ends at the last one')
     p.add_argument('--batches', type=int, default=8)
     p.add_argument('--csv', default=os.path.join(os.path.dirname(HERE), 'results', 'tied_target.csv'))
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    margs = rm.parse_args(['--tune', '--cells', args.cell])
-    qargs, teacher, train_set, meta_set, eval_loader, tau_cal = rm.prepare_cell(args.cell, margs)
+    qargs = rm.cell_args(args.cell, rm.parse_args(['--tune', '--cells', args.cell]))
+    # An MKD run logs its temperatures here, never into the robustness matrix's committed trajectories.
+    qargs.traj_dir = os.path.join(tempfile.mkdtemp(prefix='tied_target_'), args.cell)
+    train_set, meta_set, eval_loader, teacher = quality.prepare_study(qargs)
     method, tau0, kw = rm.parse_method(args.method)
     rm.set_method_args(qargs, kw)
     qargs.steps = max(args.probes)
@@ -77,6 +81,9 @@ def main(argv=None):
                                std=STD, crop_pct=1.0, seed=1000 + args.seed,
                                train_transform=quality.meta_train_transform(qargs))
     batches = [next(loader) for _ in range(args.batches)]
+    with torch.no_grad():  # the teacher is frozen: its logits on the fixed meta rows are the same at every probe
+        zt = torch.cat([teacher(x) for x, _ in batches]).double()
+    y = torch.cat([t for _, t in batches])
     taus = [math.exp(math.log(8.0) * i / 30) for i in range(31)]
     rows = []
 
@@ -87,9 +94,7 @@ def main(argv=None):
         was = model.training
         model.eval()
         with torch.no_grad():
-            zt = torch.cat([teacher(x) for x, _ in batches]).double()
             q = torch.cat([F.softmax(model(x), -1) for x, _ in batches]).double()
-        y = torch.cat([t for _, t in batches])
         model.train(was)
         res = objectives(zt, q, y, taus, 0.5)
         best_mix = min(res, key=lambda r: r[1])[0]
