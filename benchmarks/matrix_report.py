@@ -31,18 +31,26 @@ def _ms(values):
     return f'{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}'
 
 
+def _paired(diffs):
+    """Mean and sd of paired differences: the sd over ``sqrt(n)`` is the standard error the bar's mean carries."""
+    if len(diffs) < 2:
+        return f'{diffs[0]:+.2f}' if diffs else ''
+    return f'{statistics.mean(diffs):+.2f} ± {statistics.stdev(diffs):.2f}'
+
+
 def cell_summary(runs):
     """``(lines, bar)`` for one cell: a markdown table of every method and whether MKD meets the bar."""
     top = {k: [float(r['top1']) for _, r in sorted(v.items())] for k, v in runs.items()}
     kd = {k: statistics.mean(v) for k, v in top.items() if k.startswith('KD')}
-    lines = ['| method | n | top-1 mean ± sd | per seed | paired vs KD 1 | final tau_t |', '|---|---|---|---|---|---|']
+    lines = ['| method | n | top-1 mean ± sd | per seed | paired vs KD 1 (mean ± sd) | final tau_t |',
+             '|---|---|---|---|---|---|']
     bar = None
     for k in sorted(runs, key=lambda k: (not k.startswith('KD'), k)):
         seeds = sorted(runs[k])
         paired = [float(runs[k][s]['top1']) - float(runs['KD 1'][s]['top1']) for s in seeds if s in runs.get('KD 1', {})]
         taus = [float(runs[k][s]['tau_t_final']) for s in seeds] if k.startswith('MKD') else []
         lines.append(f"| {k} | {len(seeds)} | {_ms(top[k])} | {' / '.join(f'{v:.2f}' for v in top[k])} | "
-                     f"{(f'{statistics.mean(paired):+.2f}' if paired and k != 'KD 1' else '')} | "
+                     f"{_paired(paired) if k != 'KD 1' else ''} | "
                      f"{' / '.join(f'{t:.2f}' for t in taus)} |")
     if 'MKD' in runs and kd:
         # On the seeds every KD temperature and MKD have, so that a missing seed does not move a mean.
