@@ -16,11 +16,14 @@ RESULTS = os.path.join(HERE, 'results')
 
 
 def _groups(rows):
-    """``{cell: {label: {seed: row}}}``; labels ``KD 1``, ``KD 2``, ... and ``MKD (variant)``."""
+    """``{cell: {label: {seed: row}}}``; labels ``KD 1``, ``KD 2``, ..., ``MKD (variant)``, and ``MKD from 4`` for MKD
+    started at another initial tau (the bar's ``MKD`` is the run from 1)."""
     out = {}
     for r in rows:
         label = f"KD {float(r['tau']):g}" if r['method'] == 'kd' else (
             'MKD' if r['variant'] == 'defaults' else f"MKD ({r['variant']})")
+        if r['method'] == 'mkd' and float(r['tau']) != 1.0:
+            label += f" from {float(r['tau']):g}"
         out.setdefault(r['cell'], {}).setdefault(label, {})[int(r['seed'])] = r
     return out
 
@@ -117,7 +120,7 @@ def plot(groups, csv_path, png_path):
                             fmt='o', color='k', ms=5, capsize=3, label='KD (fixed tau)' if tau == 1 else None)
             else:
                 tau = statistics.mean(float(r['tau_t_final']) for r in runs.values())
-                variant = 'defaults' if k == 'MKD' else k[5:-1]
+                variant = k[5:k.index(')')] if k.startswith('MKD (') else 'defaults'
                 ax.errorbar(tau, statistics.mean(top), yerr=statistics.stdev(top) if len(top) > 1 else 0, fmt='D',
                             color=_colour(variant), ms=6, capsize=3, label=f'MKD, {variant}' if i == 0 else None)
         ax.set_xscale('log')
