@@ -63,23 +63,43 @@ def cell_summary(runs):
                     for k in runs if k.startswith('KD') or k == 'MKD'}
             best = max((k for k in mean if k.startswith('KD')), key=mean.get)
             gap, paired = mean['MKD'] - mean[best], mean['MKD'] - mean['KD 1']
-            bar = (gap >= -0.5, paired >= -0.3, gap, paired, best, common)
+            bar = (gap >= -0.5, paired >= -0.3, gap, paired, best, common, mean)
     return lines, bar
+
+
+def summary_table(groups, bars):
+    """One row per cell, means over the seeds every KD temperature and MKD have (the numbers the bar is checked on)."""
+    kds = sorted({k for runs in groups.values() for k in runs if k.startswith('KD')}, key=lambda k: float(k[3:]))
+    lines = ['| cell | teacher_tau_cal | seeds | ' + ' | '.join(kds) + ' | MKD | MKD - KD 1 | MKD - best fixed | '
+             'MKD final tau | bar |', '|---' * (len(kds) + 8) + '|']
+    for cell, runs in groups.items():
+        bar = bars[cell]
+        if bar is None:
+            continue
+        first = next(iter(runs['MKD'].values()))
+        taus = [float(runs['MKD'][s]['tau_t_final']) for s in bar[5]]
+        lines.append(f"| {cell} | {float(first['teacher_tau_cal']):.2f} | {len(bar[5])} | "
+                     + ' | '.join(f'{bar[6][k]:.2f}' if k in bar[6] else '' for k in kds)
+                     + f" | {bar[6]['MKD']:.2f} | {bar[3]:+.2f} | {bar[2]:+.2f} ({bar[4]}) | "
+                     f"{min(taus):.2f}-{max(taus):.2f} | {'holds' if bar[0] and bar[1] else 'fails'} |")
+    return lines
 
 
 def report(csv_path, png_path=None):
     with open(csv_path) as f:
         rows = list(csv.DictReader(f))
     groups = _groups(rows)
-    text = []
+    text, bars = [], {}
     for cell, runs in groups.items():
         first = next(iter(next(iter(runs.values())).values()))
         lines, bar = cell_summary(runs)
+        bars[cell] = bar
         verdict = 'no MKD rows' if bar is None else (
             f"On seeds {bar[5]}: MKD - best fixed ({bar[4]}) {bar[2]:+.2f} ({'ok' if bar[0] else 'FAILS'} >= -0.5), "
             f"MKD - KD 1 {bar[3]:+.2f} ({'ok' if bar[1] else 'FAILS'} >= -0.3)")
         text += [f"### {cell} (teacher {first['teacher']}, calibrated tau on its training views "
                  f"{float(first['teacher_tau_cal']):.2f}, {first['split']} split)", ''] + lines + ['', verdict, '']
+    text += ['### Summary (means over the seeds every configuration of a cell has)', ''] + summary_table(groups, bars) + ['']
     if png_path:
         plot(groups, csv_path, png_path)
         text.append(f'figure: {png_path}')
