@@ -13,6 +13,9 @@ Cells (``CELLS``):
 * ``vit-heavy-own``: the heavy recipe, teacher trained on the student's own recipe (no mixup);
 * ``vit-ra-overconf``: RandAugment only, an overconfident teacher (60 epochs on 5000 images).
 
+Two more cells run only when named with ``--cells``: ``cnn-heavy-own`` and ``cnn-ra-overconf``, the CNN student with
+the ``own`` and ``overconf`` teachers (the default six are ``DEFAULT_CELLS``).
+
 Rows are appended to the CSV at once (a file lock lets several processes share it) and finished runs are skipped,
 so a study can run in parallel processes (``--shard K/N``) and resume.
 
@@ -43,6 +46,9 @@ CELLS = {
     'vit-ra-overconf': ['--student', 'vit', '--aug', 'ra', '--teacher-images', '5000', '--teacher-epochs', '60',
                         '--teacher-steps', '2000'],
 }
+DEFAULT_CELLS = list(CELLS)
+CELLS['cnn-heavy-own'] = ['--student', 'cnn'] + CELLS['vit-heavy-own'][2:]
+CELLS['cnn-ra-overconf'] = ['--student', 'cnn'] + CELLS['vit-ra-overconf'][2:]
 METHODS = ['kd:1', 'kd:2', 'kd:4', 'mkd:1']
 FIELDS = ['cell', 'method', 'tau', 'seed', 'top1', 'variant', 'tau_t_final', 'tau_s_final', 'teacher_tau_cal',
           'split', 'teacher', 'timm_mkd_version', 'steps', 'wall_s', 'schedule']
@@ -52,7 +58,7 @@ RESULTS = os.path.join(HERE, 'results')
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--cells', nargs='+', default=list(CELLS), choices=list(CELLS))
+    p.add_argument('--cells', nargs='+', default=DEFAULT_CELLS, choices=list(CELLS))
     p.add_argument('--methods', nargs='+', default=METHODS,
                    help="kd:TAU or mkd:TAU[:KEY=VALUE,...] (MKDTask arguments, or meta_views=train|eval; without them: "
                         "library defaults)")
