@@ -10,6 +10,7 @@ import csv
 import os
 import statistics
 import sys
+from typing import Dict, List, NamedTuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, 'results')
@@ -41,6 +42,21 @@ def _paired(diffs):
     return f'{statistics.mean(diffs):+.2f} ± {statistics.stdev(diffs):.2f}'
 
 
+class Bar(NamedTuple):
+    """The bar in one cell, on ``seeds`` (those every KD temperature and MKD have); ``mean`` by method label."""
+    near_best: bool      # MKD's mean >= the best fixed tau's mean - 0.5
+    near_kd1: bool       # MKD - KD 1 (paired) >= -0.3
+    gap: float           # MKD - best fixed
+    paired: float        # MKD - KD 1
+    best: str
+    seeds: List[int]
+    mean: Dict[str, float]
+
+    @property
+    def holds(self) -> bool:
+        return self.near_best and self.near_kd1
+
+
 def cell_summary(runs):
     """``(lines, bar)`` for one cell: a markdown table of every method and whether MKD meets the bar."""
     top = {k: [float(r['top1']) for _, r in sorted(v.items())] for k, v in runs.items()}
@@ -63,7 +79,7 @@ def cell_summary(runs):
                     for k in runs if k.startswith('KD') or k == 'MKD'}
             best = max((k for k in mean if k.startswith('KD')), key=mean.get)
             gap, paired = mean['MKD'] - mean[best], mean['MKD'] - mean['KD 1']
-            bar = (gap >= -0.5, paired >= -0.3, gap, paired, best, common, mean)
+            bar = Bar(gap >= -0.5, paired >= -0.3, gap, paired, best, common, mean)
     return lines, bar
 
 
@@ -77,11 +93,11 @@ def summary_table(groups, bars):
         if bar is None:
             continue
         first = next(iter(runs['MKD'].values()))
-        taus = [float(runs['MKD'][s]['tau_t_final']) for s in bar[5]]
-        lines.append(f"| {cell} | {float(first['teacher_tau_cal']):.2f} | {len(bar[5])} | "
-                     + ' | '.join(f'{bar[6][k]:.2f}' if k in bar[6] else '' for k in kds)
-                     + f" | {bar[6]['MKD']:.2f} | {bar[3]:+.2f} | {bar[2]:+.2f} ({bar[4]}) | "
-                     f"{min(taus):.2f}-{max(taus):.2f} | {'holds' if bar[0] and bar[1] else 'fails'} |")
+        taus = [float(runs['MKD'][s]['tau_t_final']) for s in bar.seeds]
+        lines.append(f"| {cell} | {float(first['teacher_tau_cal']):.2f} | {len(bar.seeds)} | "
+                     + ' | '.join(f'{bar.mean[k]:.2f}' if k in bar.mean else '' for k in kds)
+                     + f" | {bar.mean['MKD']:.2f} | {bar.paired:+.2f} | {bar.gap:+.2f} ({bar.best}) | "
+                     f"{min(taus):.2f}-{max(taus):.2f} | {'holds' if bar.holds else 'fails'} |")
     return lines
 
 
@@ -95,8 +111,8 @@ def report(csv_path, png_path=None):
         lines, bar = cell_summary(runs)
         bars[cell] = bar
         verdict = 'no MKD rows' if bar is None else (
-            f"On seeds {bar[5]}: MKD - best fixed ({bar[4]}) {bar[2]:+.2f} ({'ok' if bar[0] else 'FAILS'} >= -0.5), "
-            f"MKD - KD 1 {bar[3]:+.2f} ({'ok' if bar[1] else 'FAILS'} >= -0.3)")
+            f"On seeds {bar.seeds}: MKD - best fixed ({bar.best}) {bar.gap:+.2f} ({'ok' if bar.near_best else 'FAILS'} "
+            f">= -0.5), MKD - KD 1 {bar.paired:+.2f} ({'ok' if bar.near_kd1 else 'FAILS'} >= -0.3)")
         text += [f"### {cell} (teacher {first['teacher']}, calibrated tau on its training views "
                  f"{float(first['teacher_tau_cal']):.2f}, {first['split']} split)", ''] + lines + ['', verdict, '']
     text += ['### Summary (means over the seeds every configuration of a cell has)', ''] + summary_table(groups, bars) + ['']
