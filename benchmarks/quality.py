@@ -57,6 +57,7 @@ DEFAULT_AUG = 'strong'
 FIELDS = ['method', 'tau', 'seed', 'top1', 'tau_t_final', 'tau_s_final', 'meta_steps', 'meta_skipped', 'steps',
           'batch_size', 'wall_s', 'eval_split', 'meta_interval', 'meta_lr', 'schedule', 'variant', 'nll',
           'nll_calibrated', 'teacher', 'timm_mkd_version']
+TEACHER_SEED = 1000  # every cached teacher of the recorded studies was drawn with it
 CONFIGS = [('none', 0.0), ('kd', 1.0), ('kd', 2.0), ('kd', 4.0), ('kd', 8.0), ('mkd', 1.0), ('mkd', 4.0)]
 
 
@@ -97,6 +98,9 @@ def parse_args(argv=None):
     p.add_argument('--teacher-images', type=int, default=0,
                    help='the teacher trains on a fixed random subset of this many of its images (0: all): with many '
                         'epochs it overfits them and becomes overconfident (held-out calibrated tau above 1)')
+    p.add_argument('--teacher-seed', type=int, default=TEACHER_SEED,
+                   help='seed of the teacher\'s initialisation and data order: another draw of the same teacher recipe '
+                        '(cached under its own name)')
     p.add_argument('--teacher-only', action='store_true', help='train / load the cached teacher and stop')
     p.add_argument('--teacher-sha', default=None,
                    help="--report: the teacher hash whose rows to tabulate (default: the cached teacher's; '' = rows "
@@ -184,8 +188,8 @@ def get_teacher(args, teacher_train, eval_loader):
         args.teacher_sha = file_sha(path)
         print(f'teacher {args.teacher} from cache {path} (sha256 {args.teacher_sha}): top-1 {info["top1"]:.4f}', flush=True)
         return model.eval(), info
-    torch.manual_seed(1000)
-    np.random.seed(1000)
+    torch.manual_seed(args.teacher_seed)
+    np.random.seed(args.teacher_seed)
     model = model.to(args.device)
     loader = make_loader(teacher_train, 128, training=True, img_size=args.img_size, **teacher_recipe(args))
     steps = min(args.teacher_epochs * len(loader), args.teacher_steps)
@@ -221,7 +225,9 @@ def teacher_path(args):
     tune = '_noval' if getattr(args, 'tune', False) else ''  # --tune: trained without the validation images
     images = f'_n{args.teacher_images}' if getattr(args, 'teacher_images', 0) else ''
     recipe = '' if getattr(args, 'teacher_recipe', 'mild') == 'mild' else '_' + student_recipe_name(args)
-    return os.path.join(cache_dir('bench'), f'teacher_{args.teacher}_e{args.teacher_epochs}_s{args.teacher_steps}_b128_f{args.meta_fraction}{images}{recipe}{tune}.pth')
+    seed = getattr(args, 'teacher_seed', TEACHER_SEED)
+    draw = '' if seed == TEACHER_SEED else f'_ts{seed}'
+    return os.path.join(cache_dir('bench'), f'teacher_{args.teacher}_e{args.teacher_epochs}_s{args.teacher_steps}_b128_f{args.meta_fraction}{images}{recipe}{draw}{tune}.pth')
 
 
 def student_recipe(args):

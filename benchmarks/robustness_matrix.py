@@ -67,12 +67,16 @@ def parse_args(argv=None):
     p.add_argument('--device', default='cpu')
     p.add_argument('--steps', type=int, default=1000)
     p.add_argument('--shard', default='0/1', help='K/N: run every N-th job starting at K (parallel processes)')
+    p.add_argument('--teacher-seed', type=int, default=quality.TEACHER_SEED,
+                   help='another draw of every cell\'s teacher (its own cache file; by default its own CSV, '
+                        'robustness_matrix[_tune]_tsSEED.csv, since rows are keyed without the teacher)')
     p.add_argument('--teachers-only', action='store_true', help='train / cache the cells\' teachers and stop')
     p.add_argument('--csv', default=None, help='default results/robustness_matrix[_tune].csv')
     p.add_argument('--report', action='store_true', help='tables, bar check and figure from the CSV only')
     p.add_argument('--png', default=None)
     args = p.parse_args(argv)
-    args.csv = args.csv or os.path.join(RESULTS, 'robustness_matrix' + ('_tune' if args.tune else '') + '.csv')
+    draw = '' if args.teacher_seed == quality.TEACHER_SEED else f'_ts{args.teacher_seed}'
+    args.csv = args.csv or os.path.join(RESULTS, 'robustness_matrix' + ('_tune' if args.tune else '') + draw + '.csv')
     args.png = args.png or os.path.splitext(args.csv)[0] + '.png'
     return args
 
@@ -81,7 +85,7 @@ def cell_args(cell, args):
     """``quality.py``'s arguments for one cell."""
     extra = ['--tune'] if args.tune else []
     qargs = quality.parse_args(CELLS[cell] + extra + ['--device', args.device, '--steps', str(args.steps),
-                                                      '--tag', '_matrix'])
+                                                      '--teacher-seed', str(args.teacher_seed), '--tag', '_matrix'])
     qargs.traj_dir = os.path.join(os.path.splitext(args.csv)[0] + '_trajectories', cell)
     return qargs
 
