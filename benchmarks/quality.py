@@ -61,6 +61,11 @@ TEACHER_SEED = 1000  # every cached teacher of the recorded studies was drawn wi
 CONFIGS = [('none', 0.0), ('kd', 1.0), ('kd', 2.0), ('kd', 4.0), ('kd', 8.0), ('mkd', 1.0), ('mkd', 4.0)]
 
 
+def teacher_draw_suffix(seed):
+    """File-name suffix of a teacher draw: '' for the recorded draw (``TEACHER_SEED``), else ``_tsSEED``."""
+    return '' if seed == TEACHER_SEED else f'_ts{seed}'
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--quick', action='store_true', help='5-minute version (short schedule, one seed, 5 configs)')
@@ -225,8 +230,7 @@ def teacher_path(args):
     tune = '_noval' if getattr(args, 'tune', False) else ''  # --tune: trained without the validation images
     images = f'_n{args.teacher_images}' if getattr(args, 'teacher_images', 0) else ''
     recipe = '' if getattr(args, 'teacher_recipe', 'mild') == 'mild' else '_' + student_recipe_name(args)
-    seed = getattr(args, 'teacher_seed', TEACHER_SEED)
-    draw = '' if seed == TEACHER_SEED else f'_ts{seed}'
+    draw = teacher_draw_suffix(getattr(args, 'teacher_seed', TEACHER_SEED))
     return os.path.join(cache_dir('bench'), f'teacher_{args.teacher}_e{args.teacher_epochs}_s{args.teacher_steps}_b128_f{args.meta_fraction}{images}{recipe}{draw}{tune}.pth')
 
 

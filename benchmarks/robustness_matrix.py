@@ -75,7 +75,7 @@ def parse_args(argv=None):
     p.add_argument('--report', action='store_true', help='tables, bar check and figure from the CSV only')
     p.add_argument('--png', default=None)
     args = p.parse_args(argv)
-    draw = '' if args.teacher_seed == quality.TEACHER_SEED else f'_ts{args.teacher_seed}'
+    draw = quality.teacher_draw_suffix(args.teacher_seed)
     args.csv = args.csv or os.path.join(RESULTS, 'robustness_matrix' + ('_tune' if args.tune else '') + draw + '.csv')
     args.png = args.png or os.path.splitext(args.csv)[0] + '.png'
     return args
