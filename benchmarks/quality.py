@@ -57,7 +57,7 @@ DEFAULT_AUG = 'strong'
 FIELDS = ['method', 'tau', 'seed', 'top1', 'tau_t_final', 'tau_s_final', 'meta_steps', 'meta_skipped', 'steps',
           'batch_size', 'wall_s', 'eval_split', 'meta_interval', 'meta_lr', 'schedule', 'variant', 'nll',
           'nll_calibrated', 'teacher', 'timm_mkd_version']
-TEACHER_SEED = 1000  # every cached teacher of the recorded studies was drawn with it
+TEACHER_SEED = 1000  # the default draw: the recorded studies' teachers (their cache names carry no suffix)
 CONFIGS = [('none', 0.0), ('kd', 1.0), ('kd', 2.0), ('kd', 4.0), ('kd', 8.0), ('mkd', 1.0), ('mkd', 4.0)]
 
 
@@ -185,17 +185,19 @@ def fixed_subset(indices, n, seed):
 def get_teacher(args, teacher_train, eval_loader):
     """Train the teacher once (plain aug, no RandAugment / mixup) and cache it."""
     path = teacher_path(args)
-    model = teacher_model(args.teacher)
     meta = path + '.json'
     if os.path.isfile(path) and os.path.isfile(meta):
+        model = teacher_model(args.teacher)
         model.load_state_dict(torch.load(path, map_location='cpu', weights_only=True))
         info = json.load(open(meta))
-        args.teacher_sha = file_sha(path)
+        args.teacher_sha = weights_sha(path)
         print(f'teacher {args.teacher} from cache {path} (sha256 {args.teacher_sha}): top-1 {info["top1"]:.4f}', flush=True)
         return model.eval(), info
+    # Seeded before the model is built: torch's default generator starts from a random seed in each process, so
+    # the initialisation, like the data order, must come from the draw's seed for a teacher to be reproducible.
     torch.manual_seed(args.teacher_seed)
     np.random.seed(args.teacher_seed)
-    model = model.to(args.device)
+    model = teacher_model(args.teacher).to(args.device)
     loader = make_loader(teacher_train, 128, training=True, img_size=args.img_size, **teacher_recipe(args))
     steps = min(args.teacher_epochs * len(loader), args.teacher_steps)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
@@ -221,7 +223,7 @@ def get_teacher(args, teacher_train, eval_loader):
     model = model.cpu()
     torch.save(model.state_dict(), path)
     json.dump(info, open(meta, 'w'))
-    args.teacher_sha = file_sha(path)
+    args.teacher_sha = weights_sha(path)
     print(f'teacher {args.teacher}: top-1 {top1:.4f} after {steps} steps ({info["train_s"]:.0f}s), cached at {path}', flush=True)
     return model.eval(), info
 
@@ -256,11 +258,18 @@ def meta_train_transform(args):
     return dict(TRAIN_GEOMETRY, auto_augment=r['aa'], scale=r['scale'])
 
 
-def file_sha(path, n=8):
-    """First ``n`` hex digits of the file's sha256."""
+def weights_sha(path, n=8):
+    """First ``n`` hex digits of the sha256 of a saved state dict's names and tensor bytes.
+
+    Not of the file: torch.save writes a random serialization id into every file, so one teacher saved twice gets
+    two file hashes. (Rows recorded before this hash carry the file's.)
+    """
     import hashlib
-    with open(path, 'rb') as f:
-        return hashlib.sha256(f.read()).hexdigest()[:n]
+    digest = hashlib.sha256()
+    for name, tensor in sorted(torch.load(path, map_location='cpu', weights_only=True).items()):
+        digest.update(name.encode())
+        digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:n]
 
 
 # ----------------------------------------------------------------------------------- student
@@ -598,7 +607,7 @@ def main(argv=None):
     os.makedirs(RESULTS, exist_ok=True)
     if args.report:
         if args.teacher_sha is None and os.path.isfile(teacher_path(args)):
-            args.teacher_sha = file_sha(teacher_path(args))
+            args.teacher_sha = weights_sha(teacher_path(args))
         report(args)
         return 0
     configs = CONFIGS

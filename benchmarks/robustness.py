@@ -20,7 +20,7 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from quality import RESULTS, file_sha, parse_args as quality_args, read_rows, short_variant, teacher_path  # noqa: E402
+from quality import RESULTS, weights_sha, parse_args as quality_args, read_rows, short_variant, teacher_path  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -96,7 +96,7 @@ def main(argv=None):
     from timm_mkd.plot import read_temperatures
     if a.teacher_sha is None:
         path = teacher_path(quality_args(['--tune'] if a.tune else []))
-        a.teacher_sha = file_sha(path) if os.path.isfile(path) else ''
+        a.teacher_sha = weights_sha(path) if os.path.isfile(path) else ''
     fig, axes = plt.subplots(2, len(a.studies), figsize=(5.5 * len(a.studies), 7), squeeze=False)
     for col, suffix in enumerate(a.studies):
         base = 'quality' + ('_tune' if a.tune else '') + suffix
