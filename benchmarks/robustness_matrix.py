@@ -150,11 +150,21 @@ def prepare_cell(cell, args):
     return qargs, teacher, train_set, meta_set, eval_loader, teacher_tau_cal(qargs, teacher, meta_set)
 
 
+def finished_jobs(path):
+    """The job keys (``job_key``) of the rows already in the CSV at ``path``, read under a shared lock (no half row
+    of a process that is appending)."""
+    if not os.path.isfile(path):
+        return set()
+    with open(path, newline='') as f:
+        fcntl.flock(f, fcntl.LOCK_SH)
+        rows = list(csv.DictReader(f))
+    return {(r['cell'], r['method'], float(r['tau']), r['variant'], int(r['seed'])) for r in rows}
+
+
 def run(args):
     from timm_mkd import __version__
     torch.set_num_threads(1)
-    done = {(r['cell'], r['method'], float(r['tau']), r['variant'], int(r['seed']))
-            for r in quality.read_rows(args.csv)}
+    done = finished_jobs(args.csv)
     k, n = (int(v) for v in args.shard.split('/'))
     jobs = [(seed, cell, m, job_key(seed, cell, m, args)) for seed in args.seeds for cell in args.cells
             for m in args.methods]
@@ -167,7 +177,12 @@ def run(args):
               f'{cells[cell][5]:.3f}', flush=True)
     if args.teachers_only:
         return
-    for seed, cell, spec, (_, method, tau, variant, _) in jobs:
+    for seed, cell, spec, key in jobs:
+        # Shards started at different times split the remaining jobs differently; one may already have run this job.
+        if key in finished_jobs(args.csv):
+            print(f'skip {cell} {spec} seed {seed}: another process has written it', flush=True)
+            continue
+        _, method, tau, variant, _ = key
         qargs, teacher, train_set, meta_set, eval_loader, tau_cal = cells[cell]
         set_method_args(qargs, parse_method(spec)[2])
         t0 = time.time()
