@@ -187,10 +187,11 @@ def get_teacher(args, teacher_train, eval_loader):
     path = teacher_path(args)
     meta = path + '.json'
     if os.path.isfile(path) and os.path.isfile(meta):
+        state = torch.load(path, map_location='cpu', weights_only=True)
         model = teacher_model(args.teacher)
-        model.load_state_dict(torch.load(path, map_location='cpu', weights_only=True))
+        model.load_state_dict(state)
         info = json.load(open(meta))
-        args.teacher_sha = weights_sha(path)
+        args.teacher_sha = state_dict_sha(state)
         print(f'teacher {args.teacher} from cache {path} (sha256 {args.teacher_sha}): top-1 {info["top1"]:.4f}', flush=True)
         return model.eval(), info
     # Seeded before the model is built: torch's default generator starts from a random seed in each process, so
@@ -223,7 +224,7 @@ def get_teacher(args, teacher_train, eval_loader):
     model = model.cpu()
     torch.save(model.state_dict(), path)
     json.dump(info, open(meta, 'w'))
-    args.teacher_sha = weights_sha(path)
+    args.teacher_sha = state_dict_sha(model.state_dict())
     print(f'teacher {args.teacher}: top-1 {top1:.4f} after {steps} steps ({info["train_s"]:.0f}s), cached at {path}', flush=True)
     return model.eval(), info
 
@@ -258,18 +259,23 @@ def meta_train_transform(args):
     return dict(TRAIN_GEOMETRY, auto_augment=r['aa'], scale=r['scale'])
 
 
+def state_dict_sha(state, n=8):
+    """First ``n`` hex digits of the sha256 of a (CPU) state dict's names and tensor bytes."""
+    import hashlib
+    digest = hashlib.sha256()
+    for name, tensor in sorted(state.items()):
+        digest.update(name.encode())
+        digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:n]
+
+
 def weights_sha(path, n=8):
-    """First ``n`` hex digits of the sha256 of a saved state dict's names and tensor bytes.
+    """``state_dict_sha`` of the state dict saved at ``path``.
 
     Not of the file: torch.save writes a random serialization id into every file, so one teacher saved twice gets
     two file hashes. (Rows recorded before this hash carry the file's.)
     """
-    import hashlib
-    digest = hashlib.sha256()
-    for name, tensor in sorted(torch.load(path, map_location='cpu', weights_only=True).items()):
-        digest.update(name.encode())
-        digest.update(tensor.contiguous().numpy().tobytes())
-    return digest.hexdigest()[:n]
+    return state_dict_sha(torch.load(path, map_location='cpu', weights_only=True), n)
 
 
 # ----------------------------------------------------------------------------------- student

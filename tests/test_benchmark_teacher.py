@@ -34,7 +34,7 @@ def test_teacher_depends_on_its_seed_only(tmp_path, monkeypatch):
     assert _teacher_sha(tmp_path, monkeypatch, 1001, 'c') != first
 
 
-def test_teacher_hash_is_of_the_weights_not_the_file(tmp_path, monkeypatch):
+def test_teacher_hash_is_of_the_weights_not_the_file(tmp_path):
     """torch.save writes a random id into each file; the recorded hash must not see it."""
     from common import teacher_model
     model = teacher_model('resnet10t')
