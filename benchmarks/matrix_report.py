@@ -5,6 +5,7 @@ KD at tau 1 (over the seeds both have) >= -0.3. MKD rows at the library defaults
 other variants are tabulated beside them.
 
     python benchmarks/matrix_report.py [CSV] [PNG]
+    python benchmarks/matrix_report.py --pool CSV [CSV ...]   # the bar per cell over replicates and teacher draws
 """
 import csv
 import os
@@ -122,6 +123,31 @@ def report(csv_path, png_path=None):
     return '\n'.join(text)
 
 
+def pooled_table(paths):
+    """The bar per (cell, split) over several CSVs: every teacher of every file is one replicate, checked on its
+    own seeds as in ``report``; the pooled row averages the replicates' differences (each replicate weighs the same,
+    whatever its number of seeds) and counts the replicates that hold the bar."""
+    found = {}
+    for path in paths:
+        with open(path) as f:
+            rows = [r for r in csv.DictReader(f) if r['method'] == 'kd' or r['variant'] == 'defaults']
+        for teacher in sorted({r['teacher'] for r in rows}):
+            for cell, runs in _groups([r for r in rows if r['teacher'] == teacher]).items():
+                bar = cell_summary(runs)[1]
+                if bar is not None:
+                    split = next(iter(runs['MKD'].values()))['split']
+                    found.setdefault((cell, split), []).append(bar)
+    lines = ['| cell | split | replicates | seeds | MKD - KD 1 (mean, range) | MKD - best fixed (mean, range) | '
+             'replicates holding the bar |', '|---|---|---|---|---|---|---|']
+    for (cell, split), bars in sorted(found.items()):
+        paired, gap = [b.paired for b in bars], [b.gap for b in bars]
+        lines.append(f"| {cell} | {split} | {len(bars)} | {sum(len(b.seeds) for b in bars)} | "
+                     f"{statistics.mean(paired):+.2f} ({min(paired):+.2f} to {max(paired):+.2f}) | "
+                     f"{statistics.mean(gap):+.2f} ({min(gap):+.2f} to {max(gap):+.2f}) | "
+                     f"{sum(b.holds for b in bars)} of {len(bars)} |")
+    return '\n'.join(lines)
+
+
 def _log_variant(name):
     """The variant of a trajectory log: ``quality.run_student`` writes ``mkd_tau1_N10_lr0.02_<variant>_seedS.csv``, the
     committed logs are ``<variant>_seedS.csv``."""
@@ -190,5 +216,8 @@ def plot(groups, csv_path, png_path):
 
 
 if __name__ == '__main__':
+    if sys.argv[1:2] == ['--pool']:
+        print(pooled_table(sys.argv[2:]))
+        sys.exit(0)
     path = sys.argv[1] if len(sys.argv) > 1 else os.path.join(RESULTS, 'robustness_matrix.csv')
     print(report(path, sys.argv[2] if len(sys.argv) > 2 else os.path.splitext(path)[0] + '.png'))

@@ -1,0 +1,47 @@
+"""``benchmarks/matrix_report.py --pool``: the bar per cell over replicates (files) and teacher draws (teachers)."""
+import csv
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks'))
+import matrix_report  # noqa: E402
+
+FIELDS = ['cell', 'method', 'tau', 'seed', 'top1', 'variant', 'tau_t_final', 'tau_s_final', 'teacher_tau_cal',
+          'split', 'teacher']
+
+
+def _rows(teacher, top1, mkd_variant='defaults'):
+    """Rows of one cell: ``top1`` maps 'KD 1' / 'KD 2' / 'KD 4' / 'MKD' to a top-1 per seed."""
+    out = []
+    for label, values in top1.items():
+        for seed, value in enumerate(values):
+            mkd = label == 'MKD'
+            tau = 1.0 if mkd else float(label[3:])
+            out.append(dict(cell='vit-x', method='mkd' if mkd else 'kd', tau=tau, seed=seed, top1=value,
+                            variant=mkd_variant if mkd else '', tau_t_final=1.5 if mkd else tau,
+                            tau_s_final=1.5 if mkd else tau, teacher_tau_cal=2.0, split='test', teacher=teacher))
+    return out
+
+
+def _write(path, rows):
+    with open(path, 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return str(path)
+
+
+def test_pool_checks_each_teacher_on_its_own_and_averages_replicates(tmp_path):
+    holds = {'KD 1': [70, 71, 72], 'KD 2': [70, 70, 70], 'KD 4': [60, 60, 60], 'MKD': [71, 71, 72]}  # +0.33 / +0.33
+    fails = {'KD 1': [70, 70], 'KD 2': [72, 72], 'KD 4': [60, 60], 'MKD': [69, 70]}                    # -0.50 / -2.50
+    # A second teacher in the same file is its own replicate, even on the same seeds; other variants are ignored.
+    first = _write(tmp_path / 'a.csv', _rows('t1', holds) + _rows('t2', fails)
+                   + _rows('t1', {'MKD': [0, 0, 0]}, mkd_variant='other'))
+    second = _write(tmp_path / 'b.csv', _rows('t3', holds))
+    lines = matrix_report.pooled_table([first, second]).splitlines()
+    assert len(lines) == 3
+    cells = [c.strip() for c in lines[2].strip('|').split('|')]
+    assert cells[:4] == ['vit-x', 'test', '3', '8']
+    assert cells[4] == '+0.06 (-0.50 to +0.33)'    # (1/3 + 1/3 - 1/2) / 3
+    assert cells[5] == '-0.61 (-2.50 to +0.33)'    # (1/3 + 1/3 - 5/2) / 3
+    assert cells[6] == '2 of 3'
