@@ -13,8 +13,10 @@ Cells (``CELLS``):
 * ``vit-heavy-own``: the heavy recipe, teacher trained on the student's own recipe (no mixup);
 * ``vit-ra-overconf``: RandAugment only, an overconfident teacher (60 epochs on 5000 images).
 
-Two more cells run only when named with ``--cells``: ``cnn-heavy-own`` and ``cnn-ra-overconf``, the CNN student with
-the ``own`` and ``overconf`` teachers (the default six are ``DEFAULT_CELLS``).
+More cells run only when named with ``--cells`` (the default six are ``DEFAULT_CELLS``): ``cnn-heavy-own`` and
+``cnn-ra-overconf``, the CNN student with the ``own`` and ``overconf`` teachers; ``vit-heavy-overconf`` and
+``cnn-heavy-overconf``, the heavy recipe with the overconfident teacher (the teacher least sure of the student's
+views); ``vit-ra-mild``, RandAugment only with the mild-crop teacher.
 
 Rows are appended to the CSV at once (a file lock lets several processes share it) and finished runs are skipped,
 so a study can run in parallel processes (``--shard K/N``) and resume.
@@ -37,18 +39,21 @@ import quality  # noqa: E402
 from common import MEAN, STD  # noqa: E402
 
 HEAVY = ['--aug', 'heavy', '--scale-min', '0.08', '--reprob', '0.25']
+OVERCONF = ['--teacher-images', '5000', '--teacher-epochs', '60', '--teacher-steps', '2000']
 CELLS = {
     'vit-strong': ['--student', 'vit'],
     'cnn-strong': ['--student', 'cnn'],
     'vit-heavy-mild': ['--student', 'vit'] + HEAVY,
     'cnn-heavy-mild': ['--student', 'cnn'] + HEAVY,
     'vit-heavy-own': ['--student', 'vit'] + HEAVY + ['--teacher-recipe', 'student'],
-    'vit-ra-overconf': ['--student', 'vit', '--aug', 'ra', '--teacher-images', '5000', '--teacher-epochs', '60',
-                        '--teacher-steps', '2000'],
+    'vit-ra-overconf': ['--student', 'vit', '--aug', 'ra'] + OVERCONF,
 }
 DEFAULT_CELLS = list(CELLS)
 CELLS['cnn-heavy-own'] = ['--student', 'cnn'] + CELLS['vit-heavy-own'][2:]
 CELLS['cnn-ra-overconf'] = ['--student', 'cnn'] + CELLS['vit-ra-overconf'][2:]
+CELLS['vit-heavy-overconf'] = ['--student', 'vit'] + HEAVY + OVERCONF
+CELLS['cnn-heavy-overconf'] = ['--student', 'cnn'] + HEAVY + OVERCONF
+CELLS['vit-ra-mild'] = ['--student', 'vit', '--aug', 'ra']
 METHODS = ['kd:1', 'kd:2', 'kd:4', 'mkd:1']
 FIELDS = ['cell', 'method', 'tau', 'seed', 'top1', 'variant', 'tau_t_final', 'tau_s_final', 'teacher_tau_cal',
           'split', 'teacher', 'timm_mkd_version', 'steps', 'wall_s', 'schedule']
