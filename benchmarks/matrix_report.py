@@ -7,6 +7,7 @@ other variants are tabulated beside them.
     python benchmarks/matrix_report.py [CSV] [PNG]
     python benchmarks/matrix_report.py --pool CSV [CSV ...]   # the bar per cell over replicates and teacher draws
 """
+import argparse
 import csv
 import os
 import statistics
@@ -215,9 +216,23 @@ def plot(groups, csv_path, png_path):
     plt.close(fig)
 
 
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('csv', nargs='?', default=os.path.join(RESULTS, 'robustness_matrix.csv'),
+                   help='a robustness_matrix.py CSV (default: results/robustness_matrix.csv)')
+    p.add_argument('png', nargs='?', default=None, help='the figure (default: the CSV\'s name with .png)')
+    p.add_argument('--pool', nargs='+', metavar='CSV', default=None,
+                   help='only the bar per cell and split over these replicates (each teacher of each file is one)')
+    args = p.parse_args(argv)
+    if args.pool:
+        print(pooled_table(args.pool))
+        return 0
+    if not os.path.isfile(args.csv):
+        p.error(f"{args.csv} does not exist; run benchmarks/robustness_matrix.py first or name a CSV in "
+                f"benchmarks/results")
+    print(report(args.csv, args.png or os.path.splitext(args.csv)[0] + '.png'))
+    return 0
+
+
 if __name__ == '__main__':
-    if sys.argv[1:2] == ['--pool']:
-        print(pooled_table(sys.argv[2:]))
-        sys.exit(0)
-    path = sys.argv[1] if len(sys.argv) > 1 else os.path.join(RESULTS, 'robustness_matrix.csv')
-    print(report(path, sys.argv[2] if len(sys.argv) > 2 else os.path.splitext(path)[0] + '.png'))
+    sys.exit(main())

@@ -3,6 +3,8 @@ import csv
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks'))
 import matrix_report  # noqa: E402
 
@@ -45,3 +47,14 @@ def test_pool_checks_each_teacher_on_its_own_and_averages_replicates(tmp_path):
     assert cells[4] == '+0.06 (-0.50 to +0.33)'    # (1/3 + 1/3 - 1/2) / 3
     assert cells[5] == '-0.61 (-2.50 to +0.33)'    # (1/3 + 1/3 - 5/2) / 3
     assert cells[6] == '2 of 3'
+
+
+def test_command_line_pools_and_refuses_a_missing_file(tmp_path, capsys):
+    path = _write(tmp_path / 'a.csv', _rows('t1', {'KD 1': [70, 71], 'KD 2': [70, 70], 'KD 4': [60, 60],
+                                                   'MKD': [70, 71]}))
+    assert matrix_report.main(['--pool', path]) == 0
+    assert '| vit-x | test | 1 | 2 |' in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        matrix_report.main([str(tmp_path / 'missing.csv')])
+    assert stop.value.code == 2
+    assert 'missing.csv does not exist' in capsys.readouterr().err
