@@ -1,0 +1,39 @@
+"""``benchmarks/robustness_matrix.py``'s cells: each parses into ``quality.py``'s arguments, and cells that name
+the same teacher share its cache file (so their rows pair on one teacher), while the student recipe is the cell's."""
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks'))
+import quality  # noqa: E402
+import robustness_matrix  # noqa: E402
+
+
+def _cell(cell, *extra):
+    return robustness_matrix.cell_args(cell, robustness_matrix.parse_args(['--cells', cell, '--csv', 'x.csv', *extra]))
+
+
+@pytest.mark.parametrize('tune', [False, True])
+def test_cells_share_a_teacher_only_where_they_name_the_same_one(tune):
+    extra = ['--tune'] if tune else []
+    path = {cell: quality.teacher_path(_cell(cell, *extra)) for cell in robustness_matrix.CELLS}
+    mild, own, overconf = path['vit-strong'], path['vit-heavy-own'], path['vit-ra-overconf']
+    assert len({mild, own, overconf}) == 3
+    for cell in ('cnn-strong', 'vit-heavy-mild', 'cnn-heavy-mild', 'vit-ra-mild'):
+        assert path[cell] == mild, cell
+    assert path['cnn-heavy-own'] == own
+    for cell in ('cnn-ra-overconf', 'vit-heavy-overconf', 'cnn-heavy-overconf'):
+        assert path[cell] == overconf, cell
+    assert all(p.endswith('_noval.pth') == tune for p in path.values())
+
+
+def test_a_cell_has_its_own_student_and_recipe():
+    heavy = quality.student_recipe(_cell('vit-heavy-overconf'))
+    assert heavy['re_prob'] == 0.25 and heavy['scale'] == (0.08, 1.0) and 'inc1' in heavy['aa']
+    assert quality.student_recipe(_cell('cnn-heavy-overconf')) == heavy
+    assert _cell('vit-heavy-overconf').student == 'vit' and _cell('cnn-heavy-overconf').student == 'cnn'
+    ra = quality.student_recipe(_cell('vit-ra-mild'))
+    assert ra == quality.student_recipe(_cell('vit-ra-overconf')) and ra['re_prob'] == 0.0
+    mixup = {cell: quality.AUGS[_cell(cell).aug][1:3] for cell in ('vit-ra-mild', 'vit-strong', 'vit-heavy-overconf')}
+    assert mixup == {'vit-ra-mild': (0.0, 0.0), 'vit-strong': (0.8, 1.0), 'vit-heavy-overconf': (0.8, 1.0)}
