@@ -224,12 +224,13 @@ def main(argv=None) -> int:
     p.add_argument('--pool', nargs='+', metavar='CSV', default=None,
                    help='only the bar per cell and split over these replicates (each teacher of each file is one)')
     args = p.parse_args(argv)
+    for path in args.pool or [args.csv]:
+        if not os.path.isfile(path):
+            p.error(f"{path} does not exist; run benchmarks/robustness_matrix.py first or name a CSV in "
+                    f"benchmarks/results")
     if args.pool:
         print(pooled_table(args.pool))
         return 0
-    if not os.path.isfile(args.csv):
-        p.error(f"{args.csv} does not exist; run benchmarks/robustness_matrix.py first or name a CSV in "
-                f"benchmarks/results")
     print(report(args.csv, args.png or os.path.splitext(args.csv)[0] + '.png'))
     return 0
 

@@ -54,7 +54,8 @@ def test_command_line_pools_and_refuses_a_missing_file(tmp_path, capsys):
                                                    'MKD': [70, 71]}))
     assert matrix_report.main(['--pool', path]) == 0
     assert '| vit-x | test | 1 | 2 |' in capsys.readouterr().out
-    with pytest.raises(SystemExit) as stop:
-        matrix_report.main([str(tmp_path / 'missing.csv')])
-    assert stop.value.code == 2
-    assert 'missing.csv does not exist' in capsys.readouterr().err
+    for argv in ([str(tmp_path / 'missing.csv')], ['--pool', path, str(tmp_path / 'missing.csv')]):
+        with pytest.raises(SystemExit) as stop:
+            matrix_report.main(argv)
+        assert stop.value.code == 2
+        assert 'missing.csv does not exist' in capsys.readouterr().err
