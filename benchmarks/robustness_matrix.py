@@ -16,7 +16,7 @@ Cells (``CELLS``):
 More cells run only when named with ``--cells`` (the default six are ``DEFAULT_CELLS``): ``cnn-heavy-own`` and
 ``cnn-ra-overconf``, the CNN student with the ``own`` and ``overconf`` teachers; ``vit-heavy-overconf`` and
 ``cnn-heavy-overconf``, the heavy recipe with the overconfident teacher (the teacher least sure of the student's
-views); ``vit-ra-mild``, RandAugment only with the mild-crop teacher.
+views); ``vit-ra-mild`` / ``cnn-ra-mild``, RandAugment only with the mild-crop teacher.
 
 Rows are appended to the CSV at once (a file lock lets several processes share it) and finished runs are skipped,
 so a study can run in parallel processes (``--shard K/N``) and resume.
@@ -54,6 +54,7 @@ CELLS['cnn-ra-overconf'] = ['--student', 'cnn'] + CELLS['vit-ra-overconf'][2:]
 CELLS['vit-heavy-overconf'] = ['--student', 'vit'] + HEAVY + OVERCONF
 CELLS['cnn-heavy-overconf'] = ['--student', 'cnn'] + HEAVY + OVERCONF
 CELLS['vit-ra-mild'] = ['--student', 'vit', '--aug', 'ra']
+CELLS['cnn-ra-mild'] = ['--student', 'cnn', '--aug', 'ra']
 METHODS = ['kd:1', 'kd:2', 'kd:4', 'mkd:1']
 FIELDS = ['cell', 'method', 'tau', 'seed', 'top1', 'variant', 'tau_t_final', 'tau_s_final', 'teacher_tau_cal',
           'split', 'teacher', 'timm_mkd_version', 'steps', 'wall_s', 'schedule']

@@ -20,7 +20,7 @@ def test_cells_share_a_teacher_only_where_they_name_the_same_one(tune):
     path = {cell: quality.teacher_path(_cell(cell, *extra)) for cell in robustness_matrix.CELLS}
     mild, own, overconf = path['vit-strong'], path['vit-heavy-own'], path['vit-ra-overconf']
     assert len({mild, own, overconf}) == 3
-    for cell in ('cnn-strong', 'vit-heavy-mild', 'cnn-heavy-mild', 'vit-ra-mild'):
+    for cell in ('cnn-strong', 'vit-heavy-mild', 'cnn-heavy-mild', 'vit-ra-mild', 'cnn-ra-mild'):
         assert path[cell] == mild, cell
     assert path['cnn-heavy-own'] == own
     for cell in ('cnn-ra-overconf', 'vit-heavy-overconf', 'cnn-heavy-overconf'):
@@ -32,6 +32,8 @@ def test_a_cell_has_its_own_student_and_recipe():
     heavy = quality.student_recipe(_cell('vit-heavy-overconf'))
     assert heavy['re_prob'] == 0.25 and heavy['scale'] == (0.08, 1.0) and 'inc1' in heavy['aa']
     assert quality.student_recipe(_cell('cnn-heavy-overconf')) == heavy
+    assert quality.student_recipe(_cell('cnn-ra-mild')) == quality.student_recipe(_cell('vit-ra-mild'))
+    assert _cell('cnn-ra-mild').student == 'cnn'
     assert _cell('vit-heavy-overconf').student == 'vit' and _cell('cnn-heavy-overconf').student == 'cnn'
     ra = quality.student_recipe(_cell('vit-ra-mild'))
     assert ra == quality.student_recipe(_cell('vit-ra-overconf')) and ra['re_prob'] == 0.0
