@@ -16,6 +16,7 @@ from typing import Dict, List, NamedTuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, 'results')
+PANELS_PER_ROW = 6  # cells per row of the figure
 
 
 def _groups(rows):
@@ -169,11 +170,17 @@ def plot(groups, csv_path, png_path):
     import matplotlib.pyplot as plt
     from timm_mkd.plot import read_temperatures, temperature_limits, temperature_ticks
     cells = list(groups)
-    fig, axes = plt.subplots(2, len(cells), figsize=(3.1 * len(cells), 5.6), squeeze=False)
+    per_row = min(len(cells), PANELS_PER_ROW)
+    rows = -(-len(cells) // per_row)  # a pair of rows (top-1, tau_t) per PANELS_PER_ROW cells
+    fig, axes = plt.subplots(2 * rows, per_row, figsize=(3.1 * per_row, 5.6 * rows), squeeze=False)
+    for j in range(len(cells), rows * per_row):
+        axes[2 * (j // per_row)][j % per_row].axis('off')
+        axes[2 * (j // per_row) + 1][j % per_row].axis('off')
     traj_root = os.path.splitext(csv_path)[0] + '_trajectories'
-    taus = []
+    taus, tau_axes = [], []
     for i, cell in enumerate(cells):
-        ax, tx = axes[0][i], axes[1][i]
+        ax, tx = axes[2 * (i // per_row)][i % per_row], axes[2 * (i // per_row) + 1][i % per_row]
+        tau_axes.append(tx)
         for k, runs in sorted(groups[cell].items()):
             top = [float(r['top1']) for r in runs.values()]
             if k.startswith('KD'):
@@ -202,14 +209,15 @@ def plot(groups, csv_path, png_path):
         tx.set_xlabel('optimizer update', fontsize=8)
         tx.grid(alpha=0.3)
     low, high = temperature_limits(taus + [1.0, 4.0])  # one log axis for every cell, tau 1 to 4 at least
-    for tx in axes[1]:
+    for tx in tau_axes:
         tx.set_yscale('log')
         tx.set_ylim(low, high)
         tx.yaxis.set_major_locator(matplotlib.ticker.FixedLocator(temperature_ticks(low, high)))
         tx.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f'{v:.3g}'))
         tx.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-    axes[0][0].set_ylabel('top-1 (%)')
-    axes[1][0].set_ylabel('MKD tau_t (colours as above)')
+    for r in range(rows):
+        axes[2 * r][0].set_ylabel('top-1 (%)')
+        axes[2 * r + 1][0].set_ylabel('MKD tau_t (colours as above)')
     axes[0][0].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)

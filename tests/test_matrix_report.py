@@ -12,14 +12,14 @@ FIELDS = ['cell', 'method', 'tau', 'seed', 'top1', 'variant', 'tau_t_final', 'ta
           'split', 'teacher']
 
 
-def _rows(teacher, top1, mkd_variant='defaults'):
+def _rows(teacher, top1, mkd_variant='defaults', cell='vit-x'):
     """Rows of one cell: ``top1`` maps 'KD 1' / 'KD 2' / 'KD 4' / 'MKD' to a top-1 per seed."""
     out = []
     for label, values in top1.items():
         for seed, value in enumerate(values):
             mkd = label == 'MKD'
             tau = 1.0 if mkd else float(label[3:])
-            out.append(dict(cell='vit-x', method='mkd' if mkd else 'kd', tau=tau, seed=seed, top1=value,
+            out.append(dict(cell=cell, method='mkd' if mkd else 'kd', tau=tau, seed=seed, top1=value,
                             variant=mkd_variant if mkd else '', tau_t_final=1.5 if mkd else tau,
                             tau_s_final=1.5 if mkd else tau, teacher_tau_cal=2.0, split='test', teacher=teacher))
     return out
@@ -59,3 +59,16 @@ def test_command_line_pools_and_refuses_a_missing_file(tmp_path, capsys):
             matrix_report.main(argv)
         assert stop.value.code == 2
         assert 'missing.csv does not exist' in capsys.readouterr().err
+
+
+def test_figure_wraps_cells_into_rows_of_six(tmp_path):
+    import matplotlib.image
+    top1 = {'KD 1': [70, 71], 'KD 2': [70, 70], 'KD 4': [60, 60], 'MKD': [70, 71]}
+    shape = {}
+    for n in (6, 8):
+        path = _write(tmp_path / f'm{n}.csv', [r for i in range(n) for r in _rows('t1', top1, cell=f'vit-{i}')])
+        png = str(tmp_path / f'm{n}.png')
+        assert matrix_report.main([path, png]) == 0
+        shape[n] = matplotlib.image.imread(png).shape[:2]
+    # Eight cells: a second pair of rows (top-1, tau_t) under the first six, not a wider figure.
+    assert shape[8] == (2 * shape[6][0], shape[6][1])
