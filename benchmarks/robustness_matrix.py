@@ -5,18 +5,16 @@ the same seeds run KD at tau 1, 2 and 4 and MKD (library defaults, or a variant)
 ``teacher_tau_cal`` column is the teacher's calibrated temperature on the cell's training views of the held-out
 meta images (hard labels, no mixup): how unsure the teacher is of what the student trains on.
 
-Cells (``CELLS``):
+Cells (``CELLS``, all run by default), each with the ViT and the CNN student:
 
-* ``vit-strong`` / ``cnn-strong``: RandAugment m9 + mixup/cutmix + label smoothing, teacher trained on mild crops;
-* ``vit-heavy-mild`` / ``cnn-heavy-mild``: a DeiT-style heavy recipe (RandAugment ``-inc1``, crops from 8%,
-  random erasing 0.25, mixup/cutmix, smoothing) with the same mild-crop teacher;
-* ``vit-heavy-own``: the heavy recipe, teacher trained on the student's own recipe (no mixup);
-* ``vit-ra-overconf``: RandAugment only, an overconfident teacher (60 epochs on 5000 images).
-
-More cells run only when named with ``--cells`` (the default six are ``DEFAULT_CELLS``): ``cnn-heavy-own`` and
-``cnn-ra-overconf``, the CNN student with the ``own`` and ``overconf`` teachers; ``vit-heavy-overconf`` and
-``cnn-heavy-overconf``, the heavy recipe with the overconfident teacher (the teacher least sure of the student's
-views); ``vit-ra-mild`` / ``cnn-ra-mild``, RandAugment only with the mild-crop teacher.
+* ``*-strong``: RandAugment m9 + mixup/cutmix + label smoothing, teacher trained on mild crops;
+* ``*-heavy-mild``: a DeiT-style heavy recipe (RandAugment ``-inc1``, crops from 8%, random erasing 0.25,
+  mixup/cutmix, smoothing) with the same mild-crop teacher;
+* ``*-heavy-own``: the heavy recipe, teacher trained on the student's own recipe (no mixup);
+* ``*-ra-overconf``: RandAugment + smoothing only, an overconfident teacher (60 epochs on 5000 images);
+* ``*-heavy-overconf``: the heavy recipe with the overconfident teacher (the teacher least sure of the student's
+  views);
+* ``*-ra-mild``: RandAugment + smoothing only with the mild-crop teacher.
 
 Rows are appended to the CSV at once (a file lock lets several processes share it) and finished runs are skipped,
 so a study can run in parallel processes (``--shard K/N``) and resume.
@@ -39,22 +37,23 @@ import quality  # noqa: E402
 from common import MEAN, STD  # noqa: E402
 
 HEAVY = ['--aug', 'heavy', '--scale-min', '0.08', '--reprob', '0.25']
+RA = ['--aug', 'ra']
+OWN = ['--teacher-recipe', 'student']
 OVERCONF = ['--teacher-images', '5000', '--teacher-epochs', '60', '--teacher-steps', '2000']
 CELLS = {
     'vit-strong': ['--student', 'vit'],
     'cnn-strong': ['--student', 'cnn'],
     'vit-heavy-mild': ['--student', 'vit'] + HEAVY,
     'cnn-heavy-mild': ['--student', 'cnn'] + HEAVY,
-    'vit-heavy-own': ['--student', 'vit'] + HEAVY + ['--teacher-recipe', 'student'],
-    'vit-ra-overconf': ['--student', 'vit', '--aug', 'ra'] + OVERCONF,
+    'vit-heavy-own': ['--student', 'vit'] + HEAVY + OWN,
+    'cnn-heavy-own': ['--student', 'cnn'] + HEAVY + OWN,
+    'vit-ra-overconf': ['--student', 'vit'] + RA + OVERCONF,
+    'cnn-ra-overconf': ['--student', 'cnn'] + RA + OVERCONF,
+    'vit-heavy-overconf': ['--student', 'vit'] + HEAVY + OVERCONF,
+    'cnn-heavy-overconf': ['--student', 'cnn'] + HEAVY + OVERCONF,
+    'vit-ra-mild': ['--student', 'vit'] + RA,
+    'cnn-ra-mild': ['--student', 'cnn'] + RA,
 }
-DEFAULT_CELLS = list(CELLS)
-CELLS['cnn-heavy-own'] = ['--student', 'cnn'] + CELLS['vit-heavy-own'][2:]
-CELLS['cnn-ra-overconf'] = ['--student', 'cnn'] + CELLS['vit-ra-overconf'][2:]
-CELLS['vit-heavy-overconf'] = ['--student', 'vit'] + HEAVY + OVERCONF
-CELLS['cnn-heavy-overconf'] = ['--student', 'cnn'] + HEAVY + OVERCONF
-CELLS['vit-ra-mild'] = ['--student', 'vit', '--aug', 'ra']
-CELLS['cnn-ra-mild'] = ['--student', 'cnn', '--aug', 'ra']
 METHODS = ['kd:1', 'kd:2', 'kd:4', 'mkd:1']
 FIELDS = ['cell', 'method', 'tau', 'seed', 'top1', 'variant', 'tau_t_final', 'tau_s_final', 'teacher_tau_cal',
           'split', 'teacher', 'timm_mkd_version', 'steps', 'wall_s', 'schedule']
@@ -64,11 +63,11 @@ RESULTS = os.path.join(HERE, 'results')
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--cells', nargs='+', default=DEFAULT_CELLS, choices=list(CELLS))
+    p.add_argument('--cells', nargs='+', default=list(CELLS), choices=list(CELLS))
     p.add_argument('--methods', nargs='+', default=METHODS,
                    help="kd:TAU or mkd:TAU[:KEY=VALUE,...] (MKDTask arguments, or meta_views=train|eval; without them: "
                         "library defaults)")
-    p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
+    p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2, 3, 4, 5])
     p.add_argument('--tune', action='store_true', help='validation split (for choosing methods; never the test split)')
     p.add_argument('--device', default='cpu')
     p.add_argument('--steps', type=int, default=1000)
