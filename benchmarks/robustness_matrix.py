@@ -16,8 +16,9 @@ Cells (``CELLS``, all run by default), each with the ViT and the CNN student:
   views);
 * ``*-ra-mild``: RandAugment + smoothing only with the mild-crop teacher.
 
-Rows are appended to the CSV at once (a file lock lets several processes share it) and finished runs are skipped,
-so a study can run in parallel processes (``--shard K/N``) and resume.
+Rows are appended to the CSV at once (a file lock lets several processes share it), finished runs are skipped and
+a running job is claimed by a lock of its own, so a study can run in parallel processes (``--shard K/N``, started
+at any time) and resume.
 
     python benchmarks/robustness_matrix.py --tune --device cuda --shard 0/8   # one of 8 processes
     python benchmarks/robustness_matrix.py --report                           # tables, bar check and figure
@@ -71,7 +72,9 @@ def parse_args(argv=None):
     p.add_argument('--tune', action='store_true', help='validation split (for choosing methods; never the test split)')
     p.add_argument('--device', default='cpu')
     p.add_argument('--steps', type=int, default=1000)
-    p.add_argument('--shard', default='0/1', help='K/N: run every N-th job starting at K (parallel processes)')
+    p.add_argument('--shard', default='0/1',
+                   help='K/N: the K-th of N processes sharing the CSV; each starts at its own point of the job list '
+                        'and runs every job no other process has run or is running')
     p.add_argument('--teacher-seed', type=int, default=quality.TEACHER_SEED,
                    help='another draw of every cell\'s teacher (its own cache file; by default its own CSV, '
                         'robustness_matrix[_tune]_tsSEED.csv, since rows are keyed without the teacher)')
@@ -166,15 +169,63 @@ def finished_jobs(path):
     return {(r['cell'], r['method'], float(r['tau']), r['variant'], int(r['seed'])) for r in rows}
 
 
+class JobClaim:
+    """An exclusive, non-blocking ``flock`` on one job's lock file beside the CSV, held while the job runs.
+
+    A process runs a job only while it holds the claim and the job's row is not in the CSV yet, so processes that
+    share a CSV never run one job twice, whenever each of them started; the kernel drops the lock of a process that
+    dies, so an interrupted study resumes without stale claims.
+    """
+
+    def __init__(self, csv_path, key):
+        self.folder = os.path.splitext(csv_path)[0] + '.locks'
+        self.path = os.path.join(self.folder, '_'.join(str(k) for k in key).replace(os.sep, '-') + '.lock')
+        self.file = None
+
+    def acquire(self) -> bool:
+        """True if this process now holds the claim, False if another process does."""
+        os.makedirs(self.folder, exist_ok=True)
+        self.file = open(self.path, 'a')
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.close()
+            self.file = None
+            return False
+        return True
+
+    def release(self):
+        """Remove the lock file and drop the claim (a process waiting on the old file then finds the row written)."""
+        if self.file is not None:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            self.file.close()
+            self.file = None
+        try:
+            os.rmdir(self.folder)
+        except OSError:
+            pass  # other claims are still held
+
+
+def shard_order(jobs, shard):
+    """Every job, starting at the ``K``-th of ``N`` equal parts (``shard`` = ``'K/N'``): processes that share a CSV
+    start at different points of the list and then take whatever no other process has taken."""
+    k, n = (int(v) for v in shard.split('/'))
+    if not 0 <= k < n:
+        raise SystemExit(f'--shard {shard}: K must be in 0..N-1, e.g. --shard 0/{n}')
+    start = len(jobs) * k // n
+    return jobs[start:] + jobs[:start]
+
+
 def run(args):
     from timm_mkd import __version__
     torch.set_num_threads(1)
     done = finished_jobs(args.csv)
-    k, n = (int(v) for v in args.shard.split('/'))
     jobs = [(seed, cell, m, job_key(seed, cell, m, args)) for seed in args.seeds for cell in args.cells
             for m in args.methods]
-    # Finished runs are dropped before sharding, so a resumed study still spreads its work over every process.
-    jobs = [j for j in jobs if j[3] not in done][k::n]
+    jobs = shard_order([j for j in jobs if j[3] not in done], args.shard)
     cells = {}
     for cell in (args.cells if args.teachers_only else sorted({j[1] for j in jobs})):
         cells[cell] = prepare_cell(cell, args)
@@ -183,18 +234,24 @@ def run(args):
     if args.teachers_only:
         return
     for seed, cell, spec, key in jobs:
-        # Shards started at different times split the remaining jobs differently; one may already have run this job.
-        if key in finished_jobs(args.csv):
-            print(f'skip {cell} {spec} seed {seed}: another process has written it', flush=True)
+        claim = JobClaim(args.csv, key)
+        if not claim.acquire():
+            print(f'skip {cell} {spec} seed {seed}: another process is running it', flush=True)
             continue
-        _, method, tau, variant, _ = key
-        qargs, teacher, train_set, meta_set, eval_loader, tau_cal = cells[cell]
-        set_method_args(qargs, parse_method(spec)[2])
-        t0 = time.time()
-        row = quality.run_student(qargs, method, tau, seed, teacher, train_set, meta_set, eval_loader)
-        row.update(cell=cell, variant=variant, teacher_tau_cal=round(tau_cal, 4), split=row['eval_split'],
-                   teacher=qargs.teacher_sha, timm_mkd_version=__version__)
-        append_locked(args.csv, row)
+        try:
+            if key in finished_jobs(args.csv):
+                print(f'skip {cell} {spec} seed {seed}: another process has written it', flush=True)
+                continue
+            _, method, tau, variant, _ = key
+            qargs, teacher, train_set, meta_set, eval_loader, tau_cal = cells[cell]
+            set_method_args(qargs, parse_method(spec)[2])
+            t0 = time.time()
+            row = quality.run_student(qargs, method, tau, seed, teacher, train_set, meta_set, eval_loader)
+            row.update(cell=cell, variant=variant, teacher_tau_cal=round(tau_cal, 4), split=row['eval_split'],
+                       teacher=qargs.teacher_sha, timm_mkd_version=__version__)
+            append_locked(args.csv, row)
+        finally:
+            claim.release()
         print(f'DONE {cell} {spec} seed {seed}: top-1 {row["top1"]:.2f} tau_t {row["tau_t_final"]} '
               f'({time.time() - t0:.0f}s)', flush=True)
 

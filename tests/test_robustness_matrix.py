@@ -39,3 +39,32 @@ def test_a_cell_has_its_own_student_and_recipe():
     assert ra == quality.student_recipe(_cell('vit-ra-overconf')) and ra['re_prob'] == 0.0
     mixup = {cell: quality.AUGS[_cell(cell).aug][1:3] for cell in ('vit-ra-mild', 'vit-strong', 'vit-heavy-overconf')}
     assert mixup == {'vit-ra-mild': (0.0, 0.0), 'vit-strong': (0.8, 1.0), 'vit-heavy-overconf': (0.8, 1.0)}
+
+
+def test_a_job_claim_is_exclusive_and_dies_with_its_process(tmp_path):
+    import subprocess
+    csv_path = str(tmp_path / 'm.csv')
+    key = ('vit-strong', 'mkd', 1.0, 'defaults', 3)
+    first, second = robustness_matrix.JobClaim(csv_path, key), robustness_matrix.JobClaim(csv_path, key)
+    assert first.acquire()
+    assert not second.acquire()                     # another open file: refused while the first holds it
+    other = robustness_matrix.JobClaim(csv_path, key[:-1] + (4,))
+    assert other.acquire()                          # another job is free
+    first.release()
+    other.release()
+    assert second.acquire()
+    second.release()
+    # A process that dies holding a claim (no release, no clean-up) leaves nothing that blocks a resumed study.
+    code = ('import os, sys; sys.path.insert(0, "benchmarks"); import robustness_matrix as m; '
+            f'assert m.JobClaim({csv_path!r}, {key!r}).acquire(); os._exit(0)')
+    subprocess.run([sys.executable, '-c', code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert robustness_matrix.JobClaim(csv_path, key).acquire()
+
+
+def test_every_shard_walks_every_job_from_its_own_start():
+    jobs = list(range(10))
+    orders = [robustness_matrix.shard_order(jobs, f'{k}/3') for k in range(3)]
+    assert [o[0] for o in orders] == [0, 3, 6]
+    assert all(sorted(o) == jobs for o in orders)
+    with pytest.raises(SystemExit, match='K must be in 0..N-1'):
+        robustness_matrix.shard_order(jobs, '3/3')
