@@ -33,9 +33,10 @@ def meta_views_for(estimator: str, views: str = 'auto') -> str:
 
     ``'auto'`` gives ``'train'`` for the ``'mixture'`` and ``'calibration'`` estimators and ``'eval'`` for
     ``'lookahead'``. The KD target is computed on augmented training views, where a teacher is less certain than
-    on clean images (calibrated temperature 0.9-1.0 on clean held-out images, 1.5-1.6 under RandAugment, 2.3-2.6
-    under a DeiT-style recipe or with an overconfident teacher: ``benchmarks/results/robustness_matrix.csv``), so
-    those estimators fit the temperature on those views. The look-ahead estimator measures the student on clean data.
+    on clean images (calibrated temperature 0.9-1.0 on clean held-out images, 1.5 under RandAugment, 2.1-2.7 under
+    a DeiT-style recipe or with an overconfident teacher, 3.4 with both:
+    ``benchmarks/results/robustness_matrix.csv``), so those estimators fit the temperature on those views. The
+    look-ahead estimator measures the student on clean data.
 
     Raises:
         MKDConfigError: for a value not in ``META_VIEWS``.
