@@ -173,13 +173,19 @@ def plot(groups, csv_path, png_path):
     per_row = min(len(cells), PANELS_PER_ROW)
     rows = -(-len(cells) // per_row)  # a pair of rows (top-1, tau_t) per PANELS_PER_ROW cells
     fig, axes = plt.subplots(2 * rows, per_row, figsize=(3.1 * per_row, 5.6 * rows), squeeze=False)
+
+    def panels(j):
+        """The j-th cell's top-1 axes and, below it, its tau_t axes."""
+        row, col = divmod(j, per_row)
+        return axes[2 * row][col], axes[2 * row + 1][col]
+
     for j in range(len(cells), rows * per_row):
-        axes[2 * (j // per_row)][j % per_row].axis('off')
-        axes[2 * (j // per_row) + 1][j % per_row].axis('off')
+        for unused in panels(j):
+            unused.axis('off')
     traj_root = os.path.splitext(csv_path)[0] + '_trajectories'
     taus, tau_axes = [], []
     for i, cell in enumerate(cells):
-        ax, tx = axes[2 * (i // per_row)][i % per_row], axes[2 * (i // per_row) + 1][i % per_row]
+        ax, tx = panels(i)
         tau_axes.append(tx)
         for k, runs in sorted(groups[cell].items()):
             top = [float(r['top1']) for r in runs.values()]

@@ -195,7 +195,8 @@ class JobClaim:
         return True
 
     def release(self):
-        """Remove the lock file and drop the claim (a process waiting on the old file then finds the row written)."""
+        """Remove the lock file and drop the claim; a process that opened the old file before the unlink and locks it
+        afterwards finds the job's row already written and skips it."""
         if self.file is not None:
             try:
                 os.unlink(self.path)
