@@ -9,6 +9,7 @@ other variants are tabulated beside them.
 """
 import argparse
 import csv
+import math
 import os
 import statistics
 import sys
@@ -51,6 +52,7 @@ class Bar(NamedTuple):
     near_kd1: bool       # MKD - KD 1 (paired) >= -0.3
     gap: float           # MKD - best fixed
     paired: float        # MKD - KD 1
+    paired_sd: float     # sd of the per-seed MKD - KD 1 (NaN on one seed)
     best: str
     seeds: List[int]
     mean: Dict[str, float]
@@ -82,14 +84,16 @@ def cell_summary(runs):
                     for k in runs if k.startswith('KD') or k == 'MKD'}
             best = max((k for k in mean if k.startswith('KD')), key=mean.get)
             gap, paired = mean['MKD'] - mean[best], mean['MKD'] - mean['KD 1']
-            bar = Bar(gap >= -0.5, paired >= -0.3, gap, paired, best, common, mean)
+            diffs = [float(runs['MKD'][s]['top1']) - float(runs['KD 1'][s]['top1']) for s in common]
+            sd = statistics.stdev(diffs) if len(diffs) > 1 else float('nan')
+            bar = Bar(gap >= -0.5, paired >= -0.3, gap, paired, sd, best, common, mean)
     return lines, bar
 
 
 def summary_table(groups, bars):
     """One row per cell, means over the seeds every KD temperature and MKD have (the numbers the bar is checked on)."""
     kds = sorted({k for runs in groups.values() for k in runs if k.startswith('KD')}, key=lambda k: float(k[3:]))
-    lines = ['| cell | teacher_tau_cal | seeds | ' + ' | '.join(kds) + ' | MKD | MKD - KD 1 | MKD - best fixed | '
+    lines = ['| cell | teacher_tau_cal | seeds | ' + ' | '.join(kds) + ' | MKD | MKD - KD 1 (paired, mean ± sd) | MKD - best fixed | '
              'MKD final tau | bar |', '|---' * (len(kds) + 8) + '|']
     for cell, runs in groups.items():
         bar = bars[cell]
@@ -99,7 +103,8 @@ def summary_table(groups, bars):
         taus = [float(runs['MKD'][s]['tau_t_final']) for s in bar.seeds]
         lines.append(f"| {cell} | {float(first['teacher_tau_cal']):.2f} | {len(bar.seeds)} | "
                      + ' | '.join(f'{bar.mean[k]:.2f}' if k in bar.mean else '' for k in kds)
-                     + f" | {bar.mean['MKD']:.2f} | {bar.paired:+.2f} | {bar.gap:+.2f} ({bar.best}) | "
+                     + f" | {bar.mean['MKD']:.2f} | {bar.paired:+.2f}{'' if math.isnan(bar.paired_sd) else f' ± {bar.paired_sd:.2f}'} | "
+                     f"{bar.gap:+.2f} ({bar.best}) | "
                      f"{min(taus):.2f}-{max(taus):.2f} | {'holds' if bar.holds else 'fails'} |")
     return lines
 

@@ -72,3 +72,17 @@ def test_figure_wraps_cells_into_rows_of_six(tmp_path):
         shape[n] = matplotlib.image.imread(png).shape[:2]
     # Eight cells: a second pair of rows (top-1, tau_t) under the first six, not a wider figure.
     assert shape[8] == (2 * shape[6][0], shape[6][1])
+
+
+def test_summary_gives_the_paired_difference_to_kd1_with_its_sd(tmp_path):
+    # MKD - KD 1 per seed: +1, -1, +3 -> mean +1.00, sd 2.00; best fixed is KD 2 (71.00), MKD 70.00 -> -1.00, so the cell fails.
+    runs = {'KD 1': [69, 71, 67], 'KD 2': [71, 71, 71], 'KD 4': [60, 60, 60], 'MKD': [70, 70, 70]}
+    text = matrix_report.report(_write(tmp_path / 'a.csv', _rows('t1', runs)))
+    row = next(line for line in text.splitlines() if line.startswith('| vit-x |'))
+    cells = [c.strip() for c in row.strip('|').split('|')]
+    assert cells[7] == '+1.00 ± 2.00' and cells[8] == '-1.00 (KD 2)' and cells[-1] == 'fails'
+    # On one seed there is no sd to give.
+    one = {k: v[:1] for k, v in runs.items()}
+    text = matrix_report.report(_write(tmp_path / 'b.csv', _rows('t1', one)))
+    row = next(line for line in text.splitlines() if line.startswith('| vit-x |'))
+    assert [c.strip() for c in row.strip('|').split('|')][7] == '+1.00'
