@@ -64,7 +64,7 @@ class MKDConfig:
             teacher's held-out calibrated temperature can lie below 1 (0.87-0.96 measured: clean held-out images are
             easier than the augmented training views the KD target is computed on, where the same teachers calibrate
             at 1.5-2.0, 2.7-3.0 with mixup), and a teacher sharpened to it was 0.11-0.42 points under KD at 1 on
-            average in all three studies (``benchmarks/results``).
+            average in each of the three comparisons recorded in ``benchmarks/results``.
         tau_max: upper bound of both temperatures (> tau_min).
         learn_tau_t: let the meta step move ``tau_t``.
         learn_tau_s: let the meta step move ``tau_s``. On by default, tied to ``tau_t``: the student softens its
