@@ -93,8 +93,8 @@ def cell_summary(runs):
 def summary_table(groups, bars):
     """One row per cell, means over the seeds every KD temperature and MKD have (the numbers the bar is checked on)."""
     kds = sorted({k for runs in groups.values() for k in runs if k.startswith('KD')}, key=lambda k: float(k[3:]))
-    lines = ['| cell | teacher_tau_cal | seeds | ' + ' | '.join(kds) + ' | MKD | MKD - KD 1 (paired, mean ± sd) | MKD - best fixed | '
-             'MKD final tau | bar |', '|---' * (len(kds) + 8) + '|']
+    lines = ['| cell | teacher_tau_cal | seeds | ' + ' | '.join(kds) + ' | MKD | MKD - KD 1 (paired, mean ± sd) | '
+             'MKD - best fixed | MKD final tau | bar |', '|---' * (len(kds) + 8) + '|']
     for cell, runs in groups.items():
         bar = bars[cell]
         if bar is None:
@@ -103,7 +103,8 @@ def summary_table(groups, bars):
         taus = [float(runs['MKD'][s]['tau_t_final']) for s in bar.seeds]
         lines.append(f"| {cell} | {float(first['teacher_tau_cal']):.2f} | {len(bar.seeds)} | "
                      + ' | '.join(f'{bar.mean[k]:.2f}' if k in bar.mean else '' for k in kds)
-                     + f" | {bar.mean['MKD']:.2f} | {bar.paired:+.2f}{'' if math.isnan(bar.paired_sd) else f' ± {bar.paired_sd:.2f}'} | "
+                     + f" | {bar.mean['MKD']:.2f} | {bar.paired:+.2f}"
+                     + ('' if math.isnan(bar.paired_sd) else f' ± {bar.paired_sd:.2f}') + ' | '
                      f"{bar.gap:+.2f} ({bar.best}) | "
                      f"{min(taus):.2f}-{max(taus):.2f} | {'holds' if bar.holds else 'fails'} |")
     return lines

@@ -75,7 +75,8 @@ def test_figure_wraps_cells_into_rows_of_six(tmp_path):
 
 
 def test_summary_gives_the_paired_difference_to_kd1_with_its_sd(tmp_path):
-    # MKD - KD 1 per seed: +1, -1, +3 -> mean +1.00, sd 2.00; best fixed is KD 2 (71.00), MKD 70.00 -> -1.00, so the cell fails.
+    # MKD - KD 1 per seed: +1, -1, +3 -> mean +1.00, sd 2.00; best fixed is KD 2 (71.00), MKD 70.00 -> -1.00,
+    # so the cell fails.
     runs = {'KD 1': [69, 71, 67], 'KD 2': [71, 71, 71], 'KD 4': [60, 60, 60], 'MKD': [70, 70, 70]}
     text = matrix_report.report(_write(tmp_path / 'a.csv', _rows('t1', runs)))
     row = next(line for line in text.splitlines() if line.startswith('| vit-x |'))
