@@ -164,8 +164,10 @@ def _log_variant(name):
 
 
 def _colour(variant):
-    """Red for the library defaults, blue for the previous release's, other colours for other variants."""
-    return {'defaults': 'C3', 'defaults-0.2.0': 'C0'}.get(variant, 'C2')
+    """Red for the library defaults, blue for an earlier release's (``defaults-X.Y.Z``), green for other variants."""
+    if variant == 'defaults':
+        return 'C3'
+    return 'C0' if variant.startswith('defaults-') else 'C2'
 
 
 def plot(groups, csv_path, png_path):

@@ -149,3 +149,27 @@ def test_a_state_saved_with_tau_s_held_names_the_setting_to_resume_with():
     with pytest.raises(RuntimeError, match=r'saved with 2 learnable .* learns 1; resume with learn_tau_t=True and '
                                            r'learn_tau_s=True'):
         held.load_task_state(tied.get_task_state())
+
+
+def test_a_resume_takes_this_runs_meta_lr_and_keeps_the_moments(caplog):
+    """A checkpoint saved at another meta lr (an earlier default, or a changed --mkd-meta-lr): the Adam moments come
+    back, the learning rate is this run's, and a warning names both."""
+    import logging
+    task, opt = _make()
+    _train(task, opt, 6, 0)
+    state = task.get_task_state()
+    teacher = SmallCNN(width=16, drop=0.0)
+    resumed = MKDTask(SmallCNN(drop=0.0), teacher, meta_interval=2, meta_lr=0.005, tau_t=3.0, tau_s=5.0,
+                      verbose=False)
+    with caplog.at_level(logging.WARNING, logger='timm_mkd'):
+        resumed.load_task_state(state)
+    assert [g['lr'] for g in resumed.meta_optimizer.param_groups] == [0.005]
+    saved, now = task.meta_optimizer.state_dict()['state'], resumed.meta_optimizer.state_dict()['state']
+    assert saved.keys() == now.keys() and all(torch.equal(saved[k]['exp_avg'], now[k]['exp_avg']) for k in saved)
+    assert "ran at meta_lr=0.1; this run continues at meta_lr=0.005" in caplog.text
+
+    caplog.clear()
+    same = MKDTask(SmallCNN(drop=0.0), teacher, meta_interval=2, meta_lr=0.1, tau_t=3.0, tau_s=5.0, verbose=False)
+    with caplog.at_level(logging.WARNING, logger='timm_mkd'):
+        same.load_task_state(state)
+    assert [g['lr'] for g in same.meta_optimizer.param_groups] == [0.1] and 'meta_lr' not in caplog.text

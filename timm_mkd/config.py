@@ -75,7 +75,9 @@ class MKDConfig:
             keeps it at its initial value.
         tie_temperatures: move both log-temperatures by the same amount (ignored when one is fixed).
         meta_interval: optimizer updates between meta steps (>= 1).
-        meta_lr: learning rate of the meta optimizer on the log-temperatures.
+        meta_lr: learning rate of the meta optimizer on the log-temperatures. 0.005 by default: an Adam step moves a
+            temperature by at most 0.5% per meta step, so the temperature follows the objective's trend over tens of
+            meta batches rather than one batch (chosen on validation, ``benchmarks/results/README.md``).
         meta_optimizer: ``'adam'`` or ``'sgd'``.
         fd_eps: finite-difference step, relative to the norm of the look-ahead direction.
         fd_precision: ``'lookahead'`` only: precision of the two finite-difference forwards. ``'auto'``: the training
@@ -99,7 +101,7 @@ class MKDConfig:
     learn_tau_s: bool = True
     tie_temperatures: bool = True
     meta_interval: int = 10
-    meta_lr: float = 0.02
+    meta_lr: float = 0.005
     meta_optimizer: str = 'adam'
     fd_eps: float = 1e-2
     fd_precision: str = 'auto'

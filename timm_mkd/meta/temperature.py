@@ -44,6 +44,7 @@ class Temperatures(nn.Module):
             torch.tensor(math.log(config.tau_t), device=device, dtype=torch.float32), requires_grad=config.learn_tau_t)
         self.log_tau_s = nn.Parameter(
             torch.tensor(math.log(config.tau_s), device=device, dtype=torch.float32), requires_grad=config.learn_tau_s)
+        self.meta_lr = config.meta_lr
         self.optimizer = _make_meta_optimizer(config.meta_optimizer, self.learnable(), config.meta_lr)
 
     def forward(self) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -113,7 +114,8 @@ class Temperatures(nn.Module):
 
         A state saved under other bounds (a resume with a lower ``tau_max``, say) can hold temperatures outside
         ``[tau_min, tau_max]``; they are brought inside as after a meta update (``project_``), with a warning naming
-        the bound that moved them.
+        the bound that moved them. The meta optimizer keeps its moments but takes this run's ``meta_lr``, with a
+        warning when the checkpoint was saved with another.
 
         Raises:
             RuntimeError: when the meta-optimizer state does not fit (other learnable temperatures), before anything
@@ -133,6 +135,12 @@ class Temperatures(nn.Module):
                 _logger.warning(f"MKD: the loaded {name}={before:.6g} lies outside this run's bounds; projected "
                                 f"onto {bound}: {name}={after:.6g}")
         self.optimizer.load_state_dict(state['meta_optimizer'])
+        saved_lr = self.optimizer.param_groups[0]['lr']
+        if saved_lr != self.meta_lr:
+            _logger.warning(f"MKD: the checkpoint's meta optimizer ran at meta_lr={saved_lr:g}; this run continues "
+                            f"at meta_lr={self.meta_lr:g}")
+        for group in self.optimizer.param_groups:
+            group['lr'] = self.meta_lr
 
     def _check_fits(self, optimizer_state: Dict) -> None:
         """Refuse a meta-optimizer state saved with another number of learnable temperatures, naming the fix."""
