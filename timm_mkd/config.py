@@ -76,8 +76,8 @@ class MKDConfig:
         tie_temperatures: move both log-temperatures by the same amount (ignored when one is fixed).
         meta_interval: optimizer updates between meta steps (>= 1).
         meta_lr: learning rate of the meta optimizer on the log-temperatures. 0.005 by default: an Adam step moves a
-            temperature by at most 0.5% per meta step, so the temperature follows the objective's trend over tens of
-            meta batches rather than one batch (chosen on validation, ``benchmarks/results/README.md``).
+            temperature by at most about 0.5% per meta step, so the temperature follows the objective's trend over
+            tens of meta batches rather than one batch (chosen on validation, ``benchmarks/results/README.md``).
         meta_optimizer: ``'adam'`` or ``'sgd'``.
         fd_eps: finite-difference step, relative to the norm of the look-ahead direction.
         fd_precision: ``'lookahead'`` only: precision of the two finite-difference forwards. ``'auto'``: the training

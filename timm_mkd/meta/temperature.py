@@ -44,7 +44,6 @@ class Temperatures(nn.Module):
             torch.tensor(math.log(config.tau_t), device=device, dtype=torch.float32), requires_grad=config.learn_tau_t)
         self.log_tau_s = nn.Parameter(
             torch.tensor(math.log(config.tau_s), device=device, dtype=torch.float32), requires_grad=config.learn_tau_s)
-        self.meta_lr = config.meta_lr
         self.optimizer = _make_meta_optimizer(config.meta_optimizer, self.learnable(), config.meta_lr)
 
     def forward(self) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -134,13 +133,14 @@ class Temperatures(nn.Module):
                          f'the bounds [{self.tau_min:g}, {self.tau_max:g}] (tied to the other temperature)')
                 _logger.warning(f"MKD: the loaded {name}={before:.6g} lies outside this run's bounds; projected "
                                 f"onto {bound}: {name}={after:.6g}")
+        meta_lr = self.optimizer.param_groups[0]['lr']  # this run's, before the checkpoint's replaces it
         self.optimizer.load_state_dict(state['meta_optimizer'])
         saved_lr = self.optimizer.param_groups[0]['lr']
-        if saved_lr != self.meta_lr:
+        if saved_lr != meta_lr:
             _logger.warning(f"MKD: the checkpoint's meta optimizer ran at meta_lr={saved_lr:g}; this run continues "
-                            f"at meta_lr={self.meta_lr:g}")
+                            f"at meta_lr={meta_lr:g}")
         for group in self.optimizer.param_groups:
-            group['lr'] = self.meta_lr
+            group['lr'] = meta_lr
 
     def _check_fits(self, optimizer_state: Dict) -> None:
         """Refuse a meta-optimizer state saved with another number of learnable temperatures, naming the fix."""
