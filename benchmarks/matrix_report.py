@@ -110,9 +110,22 @@ def summary_table(groups, bars):
     return lines
 
 
+def one_teacher_per_cell(rows, csv_path):
+    """Raise ``ValueError`` naming the cell when a cell's rows come from several teachers: ``report`` pairs by seed."""
+    teachers = {}
+    for r in rows:
+        teachers.setdefault(r['cell'], set()).add(r['teacher'])
+    mixed = {cell: sorted(t) for cell, t in teachers.items() if len(t) > 1}
+    if mixed:
+        cell, names = next(iter(sorted(mixed.items())))
+        raise ValueError(f"{csv_path}: cell {cell} has rows of {len(names)} teachers ({', '.join(names)}), and a "
+                         f"report pairs rows by seed. Fix: --pool {csv_path} (each teacher is its own replicate).")
+
+
 def report(csv_path, png_path=None):
     with open(csv_path) as f:
         rows = list(csv.DictReader(f))
+    one_teacher_per_cell(rows, csv_path)
     groups = _groups(rows)
     text, bars = [], {}
     for cell, runs in groups.items():
@@ -253,7 +266,10 @@ def main(argv=None) -> int:
     if args.pool:
         print(pooled_table(args.pool))
         return 0
-    print(report(args.csv, args.png or os.path.splitext(args.csv)[0] + '.png'))
+    try:
+        print(report(args.csv, args.png or os.path.splitext(args.csv)[0] + '.png'))
+    except ValueError as e:
+        p.error(str(e))
     return 0
 
 

@@ -158,15 +158,32 @@ def prepare_cell(cell, args):
     return qargs, teacher, train_set, meta_set, eval_loader, teacher_tau_cal(qargs, teacher, meta_set)
 
 
-def finished_jobs(path):
-    """The job keys (``job_key``) of the rows already in the CSV at ``path``, read under a shared lock (no half row
-    of a process that is appending)."""
+def read_rows(path):
+    """The rows of the CSV at ``path`` (none if it does not exist), read under a shared lock (no half row of a
+    process that is appending)."""
     if not os.path.isfile(path):
-        return set()
+        return []
     with open(path, newline='') as f:
         fcntl.flock(f, fcntl.LOCK_SH)
-        rows = list(csv.DictReader(f))
-    return {(r['cell'], r['method'], float(r['tau']), r['variant'], int(r['seed'])) for r in rows}
+        return list(csv.DictReader(f))
+
+
+def finished_jobs(path):
+    """The job keys (``job_key``) of the rows already in the CSV at ``path``."""
+    return {(r['cell'], r['method'], float(r['tau']), r['variant'], int(r['seed'])) for r in read_rows(path)}
+
+
+def check_same_teacher(path, cell, teacher):
+    """Stop unless every row of ``cell`` in the CSV at ``path`` was run with ``teacher`` (its weights' hash).
+
+    Rows are keyed and paired by seed, not by teacher: a row of another teacher would count as this teacher's
+    finished job, and a report would pair it with this teacher's rows.
+    """
+    others = sorted({r['teacher'] for r in read_rows(path) if r['cell'] == cell} - {teacher})
+    if others:
+        raise SystemExit(f"{path} holds rows of cell {cell} run with teacher {', '.join(others)}, and this run's "
+                         f"teacher is {teacher}: rows are paired by seed, so one cell of a file must have one teacher. "
+                         f"Fix: name a new file with --csv.")
 
 
 class JobClaim:
@@ -230,6 +247,7 @@ def run(args):
     cells = {}
     for cell in (args.cells if args.teachers_only else sorted({j[1] for j in jobs})):
         cells[cell] = prepare_cell(cell, args)
+        check_same_teacher(args.csv, cell, cells[cell][0].teacher_sha)
         print(f'cell {cell}: teacher {cells[cell][0].teacher_sha}, calibrated tau on its training views '
               f'{cells[cell][5]:.3f}', flush=True)
     if args.teachers_only:

@@ -87,3 +87,17 @@ def test_summary_gives_the_paired_difference_to_kd1_with_its_sd(tmp_path):
     text = matrix_report.report(_write(tmp_path / 'b.csv', _rows('t1', one)))
     row = next(line for line in text.splitlines() if line.startswith('| vit-x |'))
     assert [c.strip() for c in row.strip('|').split('|')][7] == '+1.00'
+
+
+def test_a_cell_with_rows_of_two_teachers_is_refused_with_the_fix(tmp_path, capsys):
+    # Rows pair by seed: KD of one teacher against MKD of another would be a comparison of two teachers.
+    path = _write(tmp_path / 'a.csv', _rows('t1', {'KD 1': [70, 71], 'KD 2': [70, 70], 'KD 4': [60, 60]})
+                  + _rows('t2', {'MKD': [72, 73]}))
+    with pytest.raises(SystemExit) as stop:
+        matrix_report.main([path])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert 'cell vit-x has rows of 2 teachers (t1, t2)' in err and f'--pool {path}' in err
+    # The same rows as two files of one teacher each report without complaint.
+    assert matrix_report.main([_write(tmp_path / 'b.csv', _rows('t1', {'KD 1': [70, 71], 'KD 2': [70, 70],
+                                                                         'KD 4': [60, 60], 'MKD': [72, 73]}))]) == 0

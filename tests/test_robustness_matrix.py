@@ -68,3 +68,13 @@ def test_every_shard_walks_every_job_from_its_own_start():
     assert all(sorted(o) == jobs for o in orders)
     with pytest.raises(SystemExit, match='K must be in 0..N-1'):
         robustness_matrix.shard_order(jobs, '3/3')
+
+
+def test_a_file_takes_rows_of_one_teacher_per_cell(tmp_path):
+    path = str(tmp_path / 'm.csv')
+    robustness_matrix.check_same_teacher(path, 'vit-x', 'aaaa')          # no file yet: nothing to disagree with
+    robustness_matrix.append_locked(path, dict(cell='vit-x', method='kd', tau=1.0, seed=0, top1=70.0, teacher='aaaa'))
+    robustness_matrix.check_same_teacher(path, 'vit-x', 'aaaa')
+    robustness_matrix.check_same_teacher(path, 'cnn-x', 'bbbb')          # another cell may have its own teacher
+    with pytest.raises(SystemExit, match=r'cell vit-x run with teacher aaaa, .* teacher is bbbb.*--csv'):
+        robustness_matrix.check_same_teacher(path, 'vit-x', 'bbbb')
